@@ -1,0 +1,8 @@
+"""monet-jax: training, evaluation and conversion for Monet (Mixture of Monosemantic Experts)."""
+
+from monet_jax.config import ConfigError, MonetConfig
+from monet_jax.convert.readers import ConvertError
+from monet_jax.model import CausalLMOutput, MonetForCausalLM
+
+__all__ = ["CausalLMOutput", "ConfigError", "ConvertError", "MonetConfig", "MonetForCausalLM"]
+__version__ = "0.1.0"

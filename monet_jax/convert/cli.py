@@ -1,0 +1,58 @@
+"""``monet-convert``: Hugging Face checkpoints <-> monet-jax checkpoints.
+
+    monet-convert hf-to-jax  HF_DIR  OUT_DIR  [--param-dtype float32]
+    monet-convert jax-to-hf  OUT_DIR HF_DIR   [--dtype bfloat16] [--max-shard-size 5GB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from monet_jax.config import DTYPES, ConfigError
+from monet_jax.convert.readers import ConvertError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="monet-convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-jax", help="HF checkpoint (safetensors or .bin, any sharding) -> Orbax")
+    a.add_argument("src")
+    a.add_argument("out")
+    a.add_argument("--param-dtype", choices=DTYPES, default=None,
+                   help="dtype of the stored parameters (default: the checkpoint's torch_dtype)")
+    b = sub.add_parser("jax-to-hf", help="Orbax checkpoint -> HF layout (config.json + safetensors)")
+    b.add_argument("src")
+    b.add_argument("out")
+    b.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: config torch_dtype)")
+    b.add_argument("--max-shard-size", default="5GB")
+    for s in (a, b):
+        s.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from monet_jax.convert import hf
+
+    start = time.perf_counter()
+    try:
+        if args.command == "hf-to-jax":
+            cfg = hf.convert_hf_to_orbax(args.src, args.out, param_dtype=args.param_dtype, overwrite=args.overwrite)
+        else:
+            cfg = hf.convert_orbax_to_hf(args.src, args.out, torch_dtype=args.dtype,
+                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except (ConvertError, ConfigError) as e:
+        print(f"monet-convert: error: {e}", file=sys.stderr)
+        return 2
+    from monet_jax.config import count_params
+
+    print(f"wrote {args.out}: {cfg.moe_decompose if cfg.is_moe else 'dense'} model, "
+          f"{count_params(cfg) / 1e6:.1f}M parameters, {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Move weights between Hugging Face checkpoint directories, our Orbax checkpoints and flat
+``{path: array}`` dicts. Works on config + key table alone, so it never imports the model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from monet_jax.config import ConfigError, MonetConfig
+from monet_jax.convert.keys import IGNORED_HF_KEYS, KeySpec, key_table
+from monet_jax.convert.readers import ConvertError, open_checkpoint
+
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+             "float16": np.dtype(np.float16)}
+READABLE_FLOATS = set(NP_DTYPES.values())
+STATE_DIR = "state"
+
+
+def is_orbax_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / STATE_DIR).is_dir()
+
+
+def read_config(directory: str | Path, **policy: str) -> MonetConfig:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConvertError(f"checkpoint directory not found: {directory}")
+    try:
+        return MonetConfig.from_json(directory / "config.json", **policy)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _check_keys(directory: Path, present: list[str], table: list[KeySpec]) -> None:
+    expected = {s.hf for s in table}
+    have = {k for k in present if not IGNORED_HF_KEYS.match(k)}
+    missing = [s.hf for s in table if s.hf not in have]
+    unexpected = sorted(have - expected)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{directory}: missing key {missing[0]}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConvertError(f"{directory}: unexpected key {unexpected[0]}{more} for this config.json")
+
+
+def iter_hf_arrays(directory: str | Path, cfg: MonetConfig, param_dtype: str) -> Iterator[tuple[KeySpec, np.ndarray]]:
+    """Yield ``(spec, array in our layout and dtype)`` one tensor at a time, after checking every key,
+    shape and dtype up front so that a bad checkpoint fails before anything is built or written."""
+    directory = Path(directory)
+    table = key_table(cfg)
+    with open_checkpoint(directory) as reader:
+        _check_keys(directory, reader.keys(), table)
+        by_key = {s.hf: s for s in table}
+        for key in reader.keys():
+            spec = by_key.get(key)
+            if spec is None:
+                continue
+            shape, dtype = reader.shape(key), reader.dtype(key)
+            if shape != spec.hf_shape:
+                raise ConvertError(f"{directory}: {key} has shape {list(shape)} but config.json implies "
+                                   f"{list(spec.hf_shape)}")
+            if not spec.counter and dtype not in READABLE_FLOATS:
+                raise ConvertError(f"{directory}: {key} has unsupported dtype {dtype} "
+                                   "(expected float32, bfloat16 or float16)")
+        target = NP_DTYPES[param_dtype]
+        for key in reader.keys():
+            spec = by_key.get(key)
+            if spec is None:
+                continue
+            array = reader.get(key)
+            if spec.counter:
+                yield spec, np.asarray(array, dtype=np.int32)
+                continue
+            if spec.linear:
+                array = array.T
+            if spec.path[-2:-1] in (("norm1",), ("norm2",)):  # BatchNorm statistics stay float32
+                yield spec, np.ascontiguousarray(array, dtype=np.float32)
+            else:
+                yield spec, np.ascontiguousarray(array, dtype=target)
+
+
+def hf_tensor(spec: KeySpec, array, torch_dtype: str) -> np.ndarray:
+    """One of our arrays in the HF layout and dtype."""
+    array = np.asarray(array)
+    if spec.counter:
+        return array.astype(np.int64).reshape(())
+    if spec.linear:
+        array = array.T
+    return np.ascontiguousarray(array.astype(NP_DTYPES[torch_dtype]))
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write into a temporary sibling and rename it into place only when everything succeeded."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConvertError(f"{out}: output exists and is not empty (pass overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                         ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            try:
+                return int(float(s[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise ConvertError(f"bad size {size!r} (expected e.g. 5GB or 500MB)")
+
+
+def write_hf(out: str | Path, cfg: MonetConfig, get: Callable[[KeySpec], np.ndarray], *,
+             torch_dtype: str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+    """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_size``).
+    ``get(spec)`` returns our array for one key; only one shard is held in memory at a time."""
+    torch_dtype = torch_dtype or cfg.torch_dtype
+    if torch_dtype not in NP_DTYPES:
+        raise ConvertError(f"unsupported torch_dtype {torch_dtype!r} (expected {', '.join(NP_DTYPES)})")
+    from safetensors.numpy import save_file
+
+    limit = parse_size(max_shard_size)
+    table = key_table(cfg)
+    itemsize = NP_DTYPES[torch_dtype].itemsize
+    shards: list[list[KeySpec]] = [[]]
+    size = 0
+    for spec in table:
+        nbytes = 8 if spec.counter else int(np.prod(spec.hf_shape)) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    hf_config = dataclasses.replace(cfg, torch_dtype=torch_dtype).to_hf_dict()
+    with atomic_directory(out, overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        weight_map, total = {}, 0
+        for name, specs in zip(names, shards):
+            tensors = {s.hf: hf_tensor(s, get(s), torch_dtype) for s in specs}
+            total += sum(t.nbytes for t in tensors.values())
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({s.hf: name for s in specs})
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return Path(out)
+
+
+def save_orbax(out: str | Path, cfg: MonetConfig, flat: dict[str, object], *, overwrite: bool = False) -> Path:
+    """Our checkpoint: ``config.json`` (HF fields + dtype policy) and an Orbax ``state/`` of flat arrays."""
+    import orbax.checkpoint as ocp
+
+    with atomic_directory(out, overwrite) as tmp:
+        config = cfg.to_hf_dict() if cfg.is_moe or cfg.hidden_act == "silu" else _plain_config(cfg)
+        config.update(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save((tmp / STATE_DIR).absolute(), flat)
+            ckptr.wait_until_finished()
+    return Path(out)
+
+
+def _plain_config(cfg: MonetConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["model_type"] = "monet"
+    return d
+
+
+def load_orbax(directory: str | Path, abstract: dict[str, object]) -> dict[str, object]:
+    import orbax.checkpoint as ocp
+
+    path = (Path(directory) / STATE_DIR).absolute()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path, abstract)
+    except Exception as e:
+        raise ConvertError(f"{path}: cannot restore checkpoint ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def convert_hf_to_orbax(src: str | Path, out: str | Path, *, param_dtype: str | None = None,
+                        overwrite: bool = False) -> MonetConfig:
+    """HF directory -> our checkpoint. Parameters keep the checkpoint's dtype unless told otherwise,
+    so the conversion holds about one copy of the weights in memory."""
+    config = read_config(src)
+    config = dataclasses.replace(config, param_dtype=param_dtype or config.torch_dtype)
+    flat = {spec.path_str: array for spec, array in iter_hf_arrays(src, config, config.param_dtype)}
+    save_orbax(out, config, flat, overwrite=overwrite)
+    return config
+
+
+def convert_orbax_to_hf(src: str | Path, out: str | Path, *, torch_dtype: str | None = None,
+                        max_shard_size: int | str = "5GB", overwrite: bool = False) -> MonetConfig:
+    """Our checkpoint -> HF directory (config.json + safetensors) for the upstream PyTorch code and vLLM."""
+    if not is_orbax_checkpoint(src):
+        raise ConvertError(f"{src}: not a monet-jax checkpoint (no {STATE_DIR}/ directory)")
+    config = read_config(src)
+    flat = load_orbax(src, None)
+    missing = [s.path_str for s in key_table(config) if s.path_str not in flat]
+    if missing:
+        raise ConvertError(f"{src}: checkpoint has no {missing[0]} for its config.json")
+    write_hf(out, config, lambda spec: np.asarray(flat[spec.path_str]), torch_dtype=torch_dtype,
+             max_shard_size=max_shard_size, overwrite=overwrite)
+    return config

@@ -1,0 +1,46 @@
+"""LLaMA causal self-attention with RoPE and grouped-query KV heads (no biases)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from monet_jax.config import MonetConfig
+from monet_jax.model.layers import Dense, apply_rope
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: MonetConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_size
+        self.num_heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
+        kw = dict(use_bias=False, std=cfg.initializer_range, param_dtype=param_dtype,
+                  compute_dtype=compute_dtype, rngs=rngs)
+        self.q_proj = Dense(d, self.num_heads * hd, **kw)
+        self.k_proj = Dense(d, self.kv_heads * hd, **kw)
+        self.v_proj = Dense(d, self.kv_heads * hd, **kw)
+        self.o_proj = Dense(self.num_heads * hd, d, **kw)
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt):
+        """``mask_btt[b, q, k]`` is True where query ``q`` may attend to key ``k``."""
+        b, t, _ = x_btd.shape
+        g, r, hd = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
+        q_btnd = apply_rope(self.q_proj(x_btd).reshape(b, t, g * r, hd), cos_btd, sin_btd)
+        k_btgd = apply_rope(self.k_proj(x_btd).reshape(b, t, g, hd), cos_btd, sin_btd)
+        v_btgd = self.v_proj(x_btd).reshape(b, t, g, hd)
+        # Query head n = g * r + i is served by KV head g.
+        q_btgrd = q_btnd.reshape(b, t, g, r, hd)
+        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q_btgrd, k_btgd,
+                            preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(hd))
+        scores = jnp.where(mask_btt[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_btgd.dtype)
+        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v_btgd).reshape(b, t, g * r * hd)
+        return self.o_proj(out)
+
+
+def attention_mask(attention_mask_bt, t: int):
+    """Causal mask combined with an optional key padding mask (1 = real token, 0 = padding)."""
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    if attention_mask_bt is None:
+        return causal
+    return causal & attention_mask_bt.astype(bool)[:, None, :]

@@ -1,0 +1,73 @@
+"""Small building blocks shared by every layer: dense projections, embeddings, RMSNorm and RoPE.
+
+Weights are stored as ``[in, out]`` kernels in ``param_dtype`` and cast to the compute dtype at use;
+the converter transposes PyTorch's ``[out, in]`` on the way in and out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def normal_init(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with the kernel as ``[in, out]``."""
+
+    def __init__(self, din: int, dout: int, *, use_bias: bool, std: float, param_dtype, compute_dtype,
+                 rngs: nnx.Rngs):
+        self.kernel = nnx.Param(normal_init(std)(rngs.params(), (din, dout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if use_bias else None
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x, *, out_dtype=None):
+        cd = self.compute_dtype
+        y = jnp.einsum("...i,io->...o", x.astype(cd), self.kernel[...].astype(cd),
+                       preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, std: float, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(normal_init(std)(rngs.params(), (vocab, dim), param_dtype))
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, ids_bt):
+        return jnp.take(self.embedding[...], ids_bt, axis=0).astype(self.compute_dtype)
+
+
+class RMSNorm(nnx.Module):
+    """LLaMA RMSNorm: normalize in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def relu2(x):
+    return jnp.square(jax.nn.relu(x))
+
+
+def rope_tables(position_ids_bt, head_dim: int, theta: float, dtype):
+    """cos/sin ``[b, t, head_dim]`` of the Hugging Face "rotate half" RoPE; frequencies in float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = position_ids_bt.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_bthd, cos_btd, sin_btd):
+    half = x_bthd.shape[-1] // 2
+    rotated = jnp.concatenate([-x_bthd[..., half:], x_bthd[..., :half]], axis=-1)
+    return x_bthd * cos_btd[:, :, None, :] + rotated * sin_btd[:, :, None, :]

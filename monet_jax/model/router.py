@@ -1,0 +1,84 @@
+"""Monet's product-key router: two projections, BatchNorm top-k approximation, masked softmax.
+
+The router always runs in float32: its projection accumulates in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from monet_jax.config import MonetConfig
+from monet_jax.model.layers import Dense
+
+
+class HeadBatchNorm(nnx.Module):
+    """PyTorch ``BatchNorm1d(H, affine=False)`` over ``[b, t, H, E]``: statistics per head ``h``,
+    pooled over tokens and experts. Training mode normalizes with the biased batch variance and
+    updates the running variance with the unbiased one; inference uses the running statistics."""
+
+    def __init__(self, heads: int, *, momentum: float = 0.1, eps: float = 1e-5):
+        self.running_mean = nnx.BatchStat(jnp.zeros((heads,), jnp.float32))
+        self.running_var = nnx.BatchStat(jnp.ones((heads,), jnp.float32))
+        self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.momentum, self.eps = momentum, eps
+        self.use_running_average = True
+
+    def statistics(self, z_bthe):
+        """(mean, biased variance) per head; under ``jit`` with a sharded batch these are global."""
+        mean_h = jnp.mean(z_bthe, axis=(0, 1, 3))
+        var_h = jnp.mean(jnp.square(z_bthe - mean_h[:, None]), axis=(0, 1, 3))
+        return mean_h, var_h
+
+    def __call__(self, z_bthe):
+        if self.use_running_average:
+            mean_h, var_h = self.running_mean[...], self.running_var[...]
+        else:
+            mean_h, var_h = self.statistics(z_bthe)
+            n = z_bthe.shape[0] * z_bthe.shape[1] * z_bthe.shape[3]
+            m = self.momentum
+            unbiased_h = var_h * (n / max(n - 1, 1))
+            self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean_h)
+            self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(unbiased_h)
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        return (z_bthe - mean_h[:, None]) * jax.lax.rsqrt(var_h[:, None] + self.eps)
+
+
+def sparse_softmax(z_bthe, n_bthe, sigma: float):
+    """Softmax of the raw logits over experts whose normalized logit reaches
+    ``min(max_e n, sigma)``; the rest get exactly zero (at least one expert always passes)."""
+    threshold = jnp.minimum(jnp.max(n_bthe, axis=-1, keepdims=True), sigma)
+    return jax.nn.softmax(jnp.where(n_bthe >= threshold, z_bthe, -1e10), axis=-1)
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: MonetConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
+        self.heads, self.experts, self.sigma = cfg.moe_heads, cfg.moe_experts, cfg.router_sigma
+        kw = dict(use_bias=False, std=cfg.initializer_range, param_dtype=param_dtype,
+                  compute_dtype=compute_dtype, rngs=rngs)
+        self.w1 = Dense(cfg.hidden_size, self.heads * self.experts, **kw)
+        self.w2 = Dense(cfg.hidden_size, self.heads * self.experts, **kw)
+        self.norm1 = HeadBatchNorm(self.heads)
+        self.norm2 = HeadBatchNorm(self.heads)
+
+    def __call__(self, x_btd):
+        """Returns ``(g1, g2)``, each ``[b, t, H, E]`` float32."""
+        b, t, _ = x_btd.shape
+        out = []
+        for w, norm in ((self.w1, self.norm1), (self.w2, self.norm2)):
+            z_bthe = w(x_btd, out_dtype=jnp.float32).astype(jnp.float32).reshape(b, t, self.heads, self.experts)
+            out.append(sparse_softmax(z_bthe, norm(z_bthe), self.sigma))
+        return tuple(out)
+
+
+def aux_losses(g1_bthe, g2_bthe, eps: float = 1e-10):
+    """Uniformity and ambiguity losses of one router (DESIGN section 1), averaged over its two halves."""
+    def unif(g):
+        mean_he = jnp.mean(g, axis=(0, 1))
+        return -jnp.mean(jnp.log(mean_he + eps))
+
+    def amb(g):
+        return jnp.mean(1.0 - jnp.max(g, axis=-1))
+
+    return (unif(g1_bthe) + unif(g2_bthe)) / 2, (amb(g1_bthe) + amb(g2_bthe)) / 2

@@ -1,0 +1,158 @@
+"""The Monet decoder (LLaMA backbone + Monet MoE in every layer) and ``MonetForCausalLM``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from monet_jax.config import MonetConfig
+from monet_jax.model.attention import Attention, attention_mask
+from monet_jax.model.experts import DenseMLP, make_experts
+from monet_jax.model.layers import Dense, Embed, RMSNorm, rope_tables
+from monet_jax.model.router import Router
+
+
+@flax.struct.dataclass
+class CausalLMOutput:
+    logits: jax.Array  # [b, t, vocab] float32
+    router_probs: tuple[tuple[jax.Array, jax.Array], ...] | None = None  # per routing group: (g1, g2)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: MonetConfig, layer: int, *, rngs: nnx.Rngs):
+        kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
+        pd = kw["param_dtype"]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        if cfg.is_moe:
+            self.moe = make_experts(cfg, **kw)
+            self.router = Router(cfg, **kw) if cfg.has_router(layer) else None
+        else:
+            self.mlp = DenseMLP(cfg, **kw)
+            self.router = None
+
+    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, probs):
+        """``probs`` is the (g1, g2) of the routing group's first layer; returns (x, probs)."""
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask_btt)
+        h_btd = self.post_attention_layernorm(x_btd)
+        if not hasattr(self, "moe"):
+            return x_btd + self.mlp(h_btd), None
+        if self.router is not None:
+            probs = self.router(h_btd)
+        return x_btd + self.moe(h_btd, *probs), probs
+
+
+class MonetModel(nnx.Module):
+    def __init__(self, cfg: MonetConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.initializer_range,
+                                  param_dtype=jnp.dtype(cfg.param_dtype),
+                                  compute_dtype=jnp.dtype(cfg.compute_dtype), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, input_ids_bt, attention_mask_bt=None, position_ids_bt=None):
+        cfg = self.config
+        b, t = input_ids_bt.shape
+        x_btd = self.embed_tokens(input_ids_bt)
+        if position_ids_bt is None:
+            position_ids_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos_btd, sin_btd = rope_tables(position_ids_bt, cfg.head_size, cfg.rope_theta, x_btd.dtype)
+        mask_btt = attention_mask(attention_mask_bt, t)
+        probs, all_probs = None, []
+        for layer in self.layers:
+            x_btd, new_probs = layer(x_btd, cos_btd, sin_btd, mask_btt, probs)
+            if layer.router is not None:
+                all_probs.append(new_probs)
+            probs = new_probs
+        return self.norm(x_btd), tuple(all_probs)
+
+
+class MonetForCausalLM(nnx.Module):
+    """Monet (or its dense LLaMA baseline) with an untied ``lm_head``; logits are float32.
+
+    ``model.train()`` switches the routers' BatchNorm to batch statistics (updating the running
+    statistics); ``model.eval()`` (the default) uses the running statistics.
+    """
+
+    def __init__(self, config: MonetConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.model = MonetModel(config, rngs=rngs)
+        self.lm_head = Dense(config.hidden_size, config.vocab_size, use_bias=False, std=config.initializer_range,
+                             param_dtype=jnp.dtype(config.param_dtype),
+                             compute_dtype=jnp.dtype(config.compute_dtype), rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, output_router_probs: bool = False):
+        hidden_btd, probs = self.model(jnp.asarray(input_ids), attention_mask, position_ids)
+        logits = self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32)
+        return CausalLMOutput(logits=logits, router_probs=probs if output_router_probs else None)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    @classmethod
+    def abstract(cls, config: MonetConfig) -> MonetForCausalLM:
+        """The model with ``ShapeDtypeStruct`` leaves: shapes and counts without allocating weights."""
+        return nnx.eval_shape(lambda: cls(config))
+
+    @classmethod
+    def from_flat(cls, config: MonetConfig, flat: dict[str, object]) -> MonetForCausalLM:
+        """Build the model from ``{"model.layers.0.moe.u1.kernel": array, ...}`` (every variable)."""
+        graphdef, state = nnx.split(cls.abstract(config))
+        leaves = []
+        for path, var in nnx.to_flat_state(state):
+            key = ".".join(map(str, path))
+            want = var.get_value()
+            array = flat.get(key)
+            if array is None:
+                raise ValueError(f"no value for {key}")
+            if tuple(array.shape) != tuple(want.shape):
+                raise ValueError(f"{key}: shape {tuple(array.shape)} != {tuple(want.shape)}")
+            leaves.append((path, var.replace(jnp.asarray(array, dtype=want.dtype))))
+        return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+    def flat_state(self) -> dict[str, jax.Array]:
+        return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(self))}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, param_dtype: str | None = None,
+                        compute_dtype: str | None = None) -> MonetForCausalLM:
+        """Load a Hugging Face checkpoint directory (any layout) or one of our Orbax checkpoints."""
+        from monet_jax.convert import hf
+
+        policy = {k: v for k, v in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)) if v}
+        config = hf.read_config(path, **policy)
+        if hf.is_orbax_checkpoint(path):
+            abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                        for k, v in cls.abstract(config).flat_state().items()}
+            return cls.from_flat(config, hf.load_orbax(path, abstract))
+        flat = {}
+        for spec, array in hf.iter_hf_arrays(path, config, config.param_dtype):
+            flat[spec.path_str] = jnp.asarray(array)
+        return cls.from_flat(config, flat)
+
+    def save_pretrained(self, out_dir: str | Path, *, torch_dtype: str | None = None,
+                        max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+        """Hugging Face layout (``config.json`` + safetensors), loadable by the upstream PyTorch code."""
+        from monet_jax.convert import hf
+
+        flat = self.flat_state()
+        return hf.write_hf(out_dir, self.config, lambda spec: np.asarray(flat[spec.path_str]),
+                           torch_dtype=torch_dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+
+    def save_checkpoint(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+        """Our own format: ``config.json`` + an Orbax ``state/`` (restores with ``from_pretrained``)."""
+        from monet_jax.convert import hf
+
+        return hf.save_orbax(out_dir, self.config, self.flat_state(), overwrite=overwrite)
+
+
+def count_model_params(config: MonetConfig) -> int:
+    """Trainable parameters of ``config`` counted from the model's own shapes (no allocation)."""
+    state = nnx.state(MonetForCausalLM.abstract(config), nnx.Param)
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state))
