@@ -1,0 +1,70 @@
+"""``eval.py`` / ``monet-eval``: evaluate a checkpoint (ours or a Hugging Face directory).
+
+    python eval.py perplexity runs/default/checkpoint [--data FILE_OR_DIR]
+
+Text is tokenized with the byte-level tokenizer of the embedded default run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from monet_jax.config import ConfigError
+from monet_jax.convert.readers import ConvertError
+from monet_jax.data import text
+
+
+def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None) -> dict:
+    """Mean next-token loss over non-overlapping windows of ``seq_len`` (the last partial one dropped)."""
+    from monet_jax.train.main import eval_step
+
+    sampler = text.WindowSampler(tokens, seq_len, batch_size, seed=0)
+    batches = list(sampler.sequential(max_batches or 10**9))
+    total, count = 0.0, 0
+    for batch in tqdm(batches, desc="perplexity", unit="batch"):
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total += float(eval_step(model, jnp.asarray(batch))) * n
+        count += n
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="monet-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    ppl = sub.add_parser("perplexity", help="loss and perplexity over local text")
+    ppl.add_argument("checkpoint")
+    ppl.add_argument("--data", default=None, help="text file or directory (default: the embedded corpus)")
+    ppl.add_argument("--seq-len", type=int, default=128)
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--max-batches", type=int, default=None)
+    args = p.parse_args(argv)
+
+    from monet_jax import MonetForCausalLM
+
+    try:
+        model = MonetForCausalLM.from_pretrained(args.checkpoint)
+        docs = text.embedded_corpus() if args.data is None else text.read_documents(args.data)
+        tokens = text.pack(docs)
+        if tokens.size and tokens.max() >= model.config.vocab_size:
+            raise ValueError(f"the byte tokenizer needs vocab_size >= {text.BYTE_VOCAB}")
+        start = time.perf_counter()
+        result = perplexity(model, tokens, args.seq_len, args.batch_size, args.max_batches)
+    except (ConfigError, ConvertError, ValueError) as e:
+        print(f"monet-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(f"loss {result['loss']:.4f}  ppl {result['perplexity']:.3f}  tokens {result['tokens']:,}  "
+          f"({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
