@@ -8,7 +8,9 @@ import dataclasses
 import json
 import os
 import shutil
+import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from monet_jax.convert.readers import ConvertError, open_checkpoint
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
 READABLE_FLOATS = set(NP_DTYPES.values())
+_ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
+             np.dtype(np.int64): "I64"}
 STATE_DIR = "state"
 
 
@@ -130,21 +134,45 @@ def parse_size(size: int | str) -> int:
     raise ConvertError(f"bad size {size!r} (expected e.g. 5GB or 500MB)")
 
 
+def write_safetensors(path: Path, specs: list[KeySpec], get: Callable[[KeySpec], np.ndarray],
+                      torch_dtype: str) -> int:
+    """Write one safetensors file tensor by tensor (header first, then each tensor's bytes), so only
+    one converted tensor is in memory at a time. Returns the bytes of tensor data written."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for spec in specs:
+        dtype = np.dtype(np.int64) if spec.counter else NP_DTYPES[torch_dtype]
+        nbytes = int(np.prod(spec.hf_shape)) * dtype.itemsize
+        header[spec.hf] = {"dtype": _ST_NAMES[dtype], "shape": list(spec.hf_shape),
+                           "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for spec in specs:
+            tensor = hf_tensor(spec, get(spec), torch_dtype)
+            expected = header[spec.hf]["data_offsets"]
+            if tensor.shape != spec.hf_shape or tensor.nbytes != expected[1] - expected[0]:
+                raise ConvertError(f"{spec.hf}: got shape {list(tensor.shape)}, expected {list(spec.hf_shape)}")
+            f.write(tensor.tobytes())
+            del tensor
+    return offset
+
+
 def write_hf(out: str | Path, cfg: MonetConfig, get: Callable[[KeySpec], np.ndarray], *,
              torch_dtype: str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
     """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_size``).
-    ``get(spec)`` returns our array for one key; only one shard is held in memory at a time."""
+    ``get(spec)`` returns our array for one key; tensors are converted and written one at a time."""
     torch_dtype = torch_dtype or cfg.torch_dtype
     if torch_dtype not in NP_DTYPES:
         raise ConvertError(f"unsupported torch_dtype {torch_dtype!r} (expected {', '.join(NP_DTYPES)})")
-    from safetensors.numpy import save_file
+    from safetensors import safe_open
 
     limit = parse_size(max_shard_size)
-    table = key_table(cfg)
     itemsize = NP_DTYPES[torch_dtype].itemsize
     shards: list[list[KeySpec]] = [[]]
     size = 0
-    for spec in table:
+    for spec in key_table(cfg):
         nbytes = 8 if spec.counter else int(np.prod(spec.hf_shape)) * itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -158,15 +186,25 @@ def write_hf(out: str | Path, cfg: MonetConfig, get: Callable[[KeySpec], np.ndar
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map, total = {}, 0
         for name, specs in zip(names, shards):
-            tensors = {s.hf: hf_tensor(s, get(s), torch_dtype) for s in specs}
-            total += sum(t.nbytes for t in tensors.values())
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            total += write_safetensors(tmp / name, specs, get, torch_dtype)
+            with safe_open(str(tmp / name), framework="numpy") as check:  # the library must accept it
+                if set(check.keys()) != {s.hf for s in specs}:
+                    raise ConvertError(f"{name}: written keys do not match")
             weight_map.update({s.hf: name for s in specs})
-            del tensors
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return Path(out)
+
+
+def _checkpointer():
+    """Synchronous Orbax checkpointer that bounds the bytes in flight, so saving or restoring holds
+    little more than one copy of the weights."""
+    import orbax.checkpoint as ocp
+
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, restore_concurrent_gb=1,
+                                          save_device_host_concurrent_gb=1)
+    return ocp.Checkpointer(handler)
 
 
 def save_orbax(out: str | Path, cfg: MonetConfig, flat: dict[str, object], *, overwrite: bool = False) -> Path:
@@ -177,9 +215,7 @@ def save_orbax(out: str | Path, cfg: MonetConfig, flat: dict[str, object], *, ov
         config = cfg.to_hf_dict() if cfg.is_moe or cfg.hidden_act == "silu" else _plain_config(cfg)
         config.update(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save((tmp / STATE_DIR).absolute(), flat)
-            ckptr.wait_until_finished()
+        _checkpointer().save((tmp / STATE_DIR).absolute(), args=ocp.args.PyTreeSave(flat))
     return Path(out)
 
 
@@ -189,13 +225,20 @@ def _plain_config(cfg: MonetConfig) -> dict:
     return d
 
 
-def load_orbax(directory: str | Path, abstract: dict[str, object]) -> dict[str, object]:
+def load_orbax(directory: str | Path, abstract: dict[str, object] | None) -> dict[str, object]:
+    """Restore the flat arrays, shaped like ``abstract`` (ShapeDtypeStructs) or as saved when None."""
     import orbax.checkpoint as ocp
 
     path = (Path(directory) / STATE_DIR).absolute()
+    if abstract is None:
+        args = ocp.args.PyTreeRestore()
+    else:
+        args = ocp.args.PyTreeRestore(item=abstract,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path, abstract)
+        with warnings.catch_warnings():  # "sharding info not provided": single-host arrays, as saved
+            warnings.simplefilter("ignore", UserWarning)
+            return _checkpointer().restore(path, args=args)
     except Exception as e:
         raise ConvertError(f"{path}: cannot restore checkpoint ({_short(e)})") from None
 
@@ -211,7 +254,10 @@ def convert_hf_to_orbax(src: str | Path, out: str | Path, *, param_dtype: str | 
     so the conversion holds about one copy of the weights in memory."""
     config = read_config(src)
     config = dataclasses.replace(config, param_dtype=param_dtype or config.torch_dtype)
-    flat = {spec.path_str: array for spec, array in iter_hf_arrays(src, config, config.param_dtype)}
+    import jax.numpy as jnp
+
+    # Device arrays: Orbax then saves them without another host copy of the whole model.
+    flat = {spec.path_str: jnp.asarray(array) for spec, array in iter_hf_arrays(src, config, config.param_dtype)}
     save_orbax(out, config, flat, overwrite=overwrite)
     return config
 
@@ -226,6 +272,6 @@ def convert_orbax_to_hf(src: str | Path, out: str | Path, *, torch_dtype: str | 
     missing = [s.path_str for s in key_table(config) if s.path_str not in flat]
     if missing:
         raise ConvertError(f"{src}: checkpoint has no {missing[0]} for its config.json")
-    write_hf(out, config, lambda spec: np.asarray(flat[spec.path_str]), torch_dtype=torch_dtype,
+    write_hf(out, config, lambda spec: np.asarray(flat.pop(spec.path_str)), torch_dtype=torch_dtype,
              max_shard_size=max_shard_size, overwrite=overwrite)
     return config

@@ -8,6 +8,7 @@ with an index. Tensors come back as NumPy arrays in their stored dtype (bfloat16
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import ml_dtypes
@@ -60,44 +61,63 @@ class CheckpointReader:
 
 
 class SafetensorsReader(CheckpointReader):
+    """The header is validated by the safetensors library; tensor bytes are then read with plain file
+    reads rather than through a memory map, so that pages of tensors already converted do not stay
+    resident (a map of the whole file would add the checkpoint's size to the process's memory)."""
+
     def __init__(self, directory: Path, files: dict[str, str] | None, single: str | None = None):
         from safetensors import safe_open
 
-        self._handles = {}
+        self._entries: dict[str, tuple[str, str, tuple[int, ...], int, int]] = {}
         names = sorted(set(files.values())) if files else [single]
         for name in names:
             path = directory / name
             if not path.is_file():
                 raise ConvertError(f"{path}: shard named in the index is missing")
             try:
-                self._handles[name] = safe_open(str(path), framework="numpy")
+                with safe_open(str(path), framework="numpy"):
+                    pass  # validates the header and that the data covers the file exactly
+                header, data_start = _safetensors_header(path)
             except Exception as e:  # SafetensorError: truncated, corrupted, not a safetensors file
                 raise ConvertError(f"{path}: corrupted or truncated safetensors file ({_first_line(e)})") from None
-        present = {k: name for name, h in self._handles.items() for k in h.keys()}
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self._entries[key] = (name, info["dtype"], tuple(info["shape"]), data_start + begin, end - begin)
+        present = {k: e[0] for k, e in self._entries.items()}
         if files:
             for key, name in files.items():
                 if present.get(key) != name:
                     raise ConvertError(f"{directory / name}: key {key} listed in the index is not in this shard")
         super().__init__(directory, files or present)
 
-    def _slice(self, key):
-        return self._handles[self.file_of(key)].get_slice(key)
-
     def shape(self, key):
-        return tuple(self._slice(key).get_shape())
+        return self._entries[key][2]
 
     def dtype(self, key):
-        name = self._slice(key).get_dtype()
+        name = self._entries[key][1]
         if name not in _ST_DTYPES:
             raise ConvertError(f"{key}: unsupported dtype {name}")
         return np.dtype(_ST_DTYPES[name])
 
     def get(self, key):
-        self.dtype(key)
-        try:
-            return self._handles[self.file_of(key)].get_tensor(key)
-        except Exception as e:
-            raise ConvertError(f"{self.directory / self.file_of(key)}: cannot read {key} ({_first_line(e)})") from None
+        name, _, shape, offset, nbytes = self._entries[key]
+        dtype = self.dtype(key)
+        if int(np.prod(shape)) * dtype.itemsize != nbytes:
+            raise ConvertError(f"{self.directory / name}: {key} has {nbytes} bytes for shape {list(shape)}")
+        raw = np.empty(nbytes, dtype=np.uint8)
+        with open(self.directory / name, "rb") as f:
+            f.seek(offset)
+            if f.readinto(memoryview(raw)) != nbytes:
+                raise ConvertError(f"{self.directory / name}: truncated while reading {key}")
+        return raw.view(dtype).reshape(shape)
+
+
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
 
 
 class TorchBinReader(CheckpointReader):
