@@ -139,10 +139,6 @@ def _set_path(obj, path: list[str], value: Any, prefix: str):
     return dataclasses.replace(obj, **{name: new})
 
 
-def to_dict(cfg) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -353,9 +349,6 @@ class MonetConfig:
             d.update(model_type="llama", architectures=["LlamaForCausalLM"], mlp_bias=False)
         d.update(attention_dropout=0.0, use_cache=True)
         return d
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump({"model": to_dict(self)}, sort_keys=False)
 
 
 def count_params(cfg: MonetConfig) -> int:
