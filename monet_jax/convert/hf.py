@@ -14,18 +14,18 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from monet_jax.config import ConfigError, MonetConfig
 from monet_jax.convert.keys import IGNORED_HF_KEYS, KeySpec, key_table
-from monet_jax.convert.readers import ConvertError, open_checkpoint
+from monet_jax.convert.readers import SAFETENSORS_DTYPES, ConvertError, open_checkpoint
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
 READABLE_FLOATS = set(NP_DTYPES.values())
-_ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
-             np.dtype(np.int64): "I64"}
+_ST_NAMES = {np.dtype(t): name for name, t in SAFETENSORS_DTYPES.items()}
 STATE_DIR = "state"
 
 
@@ -92,14 +92,20 @@ def iter_hf_arrays(directory: str | Path, cfg: MonetConfig, param_dtype: str) ->
                 yield spec, np.ascontiguousarray(array, dtype=target)
 
 
+def hf_dtype(spec: KeySpec, torch_dtype: str) -> np.dtype:
+    return np.dtype(np.int64) if spec.counter else NP_DTYPES[torch_dtype]
+
+
+def hf_nbytes(spec: KeySpec, torch_dtype: str) -> int:
+    return int(np.prod(spec.hf_shape)) * hf_dtype(spec, torch_dtype).itemsize
+
+
 def hf_tensor(spec: KeySpec, array, torch_dtype: str) -> np.ndarray:
     """One of our arrays in the HF layout and dtype."""
     array = np.asarray(array)
-    if spec.counter:
-        return array.astype(np.int64).reshape(())
     if spec.linear:
         array = array.T
-    return np.ascontiguousarray(array.astype(NP_DTYPES[torch_dtype]))
+    return np.ascontiguousarray(array.astype(hf_dtype(spec, torch_dtype))).reshape(spec.hf_shape)
 
 
 @contextlib.contextmanager
@@ -140,9 +146,8 @@ def write_safetensors(path: Path, specs: list[KeySpec], get: Callable[[KeySpec],
     one converted tensor is in memory at a time. Returns the bytes of tensor data written."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for spec in specs:
-        dtype = np.dtype(np.int64) if spec.counter else NP_DTYPES[torch_dtype]
-        nbytes = int(np.prod(spec.hf_shape)) * dtype.itemsize
-        header[spec.hf] = {"dtype": _ST_NAMES[dtype], "shape": list(spec.hf_shape),
+        nbytes = hf_nbytes(spec, torch_dtype)
+        header[spec.hf] = {"dtype": _ST_NAMES[hf_dtype(spec, torch_dtype)], "shape": list(spec.hf_shape),
                            "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -169,11 +174,10 @@ def write_hf(out: str | Path, cfg: MonetConfig, get: Callable[[KeySpec], np.ndar
     from safetensors import safe_open
 
     limit = parse_size(max_shard_size)
-    itemsize = NP_DTYPES[torch_dtype].itemsize
     shards: list[list[KeySpec]] = [[]]
     size = 0
     for spec in key_table(cfg):
-        nbytes = 8 if spec.counter else int(np.prod(spec.hf_shape)) * itemsize
+        nbytes = hf_nbytes(spec, torch_dtype)
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -254,8 +258,6 @@ def convert_hf_to_orbax(src: str | Path, out: str | Path, *, param_dtype: str | 
     so the conversion holds about one copy of the weights in memory."""
     config = read_config(src)
     config = dataclasses.replace(config, param_dtype=param_dtype or config.torch_dtype)
-    import jax.numpy as jnp
-
     # Device arrays: Orbax then saves them without another host copy of the whole model.
     flat = {spec.path_str: jnp.asarray(array) for spec, array in iter_hf_arrays(src, config, config.param_dtype)}
     save_orbax(out, config, flat, overwrite=overwrite)

@@ -19,7 +19,7 @@ class ConvertError(ValueError):
     """A checkpoint that cannot be read or written; the message is one line and names the problem."""
 
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_}
 
@@ -97,9 +97,9 @@ class SafetensorsReader(CheckpointReader):
 
     def dtype(self, key):
         name = self._entries[key][1]
-        if name not in _ST_DTYPES:
+        if name not in SAFETENSORS_DTYPES:
             raise ConvertError(f"{key}: unsupported dtype {name}")
-        return np.dtype(_ST_DTYPES[name])
+        return np.dtype(SAFETENSORS_DTYPES[name])
 
     def get(self, key):
         name, _, shape, offset, nbytes = self._entries[key]

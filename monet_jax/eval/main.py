@@ -19,18 +19,17 @@ from tqdm import tqdm
 from monet_jax.config import ConfigError
 from monet_jax.convert.readers import ConvertError
 from monet_jax.data import text
+from monet_jax.model.loss import batch_loss
 
 
 def perplexity(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None) -> dict:
     """Mean next-token loss over non-overlapping windows of ``seq_len`` (the last partial one dropped)."""
-    from monet_jax.train.main import eval_step
-
     sampler = text.WindowSampler(tokens, seq_len, batch_size, seed=0)
     batches = list(sampler.sequential(max_batches or 10**9))
     total, count = 0.0, 0
     for batch in tqdm(batches, desc="perplexity", unit="batch"):
         n = batch.shape[0] * (batch.shape[1] - 1)
-        total += float(eval_step(model, jnp.asarray(batch))) * n
+        total += float(batch_loss(model, jnp.asarray(batch))) * n
         count += n
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from monet_jax.config import ConfigError, count_params
 from monet_jax.data import text
 from monet_jax.model import MonetForCausalLM
+from monet_jax.model.loss import batch_loss, next_token_loss
 from monet_jax.model.router import aux_losses
 from monet_jax.train.config import TrainConfig
 
@@ -42,7 +43,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def loss_terms(model: MonetForCausalLM, batch, aux_coef: float):
     inputs, targets = batch[:, :-1], batch[:, 1:]
     out = model(inputs, output_router_probs=True)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, targets).mean()
+    ce = next_token_loss(out.logits, targets)
     if out.router_probs:
         terms = [aux_losses(g1, g2) for g1, g2 in out.router_probs]
         unif = jnp.mean(jnp.stack([u for u, _ in terms]))
@@ -59,16 +60,9 @@ def train_step(model, optimizer, batch, aux_coef):
     return dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
 
 
-@nnx.jit
-def eval_step(model, batch):
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model(inputs).logits
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
 def validation_loss(model, sampler, batches: int) -> float:
     model.eval()
-    losses = [float(eval_step(model, jnp.asarray(b))) for b in sampler.sequential(batches)]
+    losses = [float(batch_loss(model, jnp.asarray(b))) for b in sampler.sequential(batches)]
     model.train()
     return float(np.mean(losses))
 
