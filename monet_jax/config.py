@@ -80,6 +80,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -116,27 +121,26 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(cfg, overrides: list[str]):
-    """Return a copy of dataclass ``cfg`` with dotted ``key=value`` overrides applied and re-validated."""
+    """Return a copy of dataclass ``cfg`` with dotted ``key=value`` overrides applied, validated once at
+    the end (so ``data.seq_len=4096 model.max_position_embeddings=4096`` works in either order)."""
+    if not overrides:
+        return cfg
+    data = _as_fields(cfg)
     for item in overrides:
         path, value = parse_override(item)
-        cfg = _set_path(cfg, path, value, prefix="")
-    return cfg
+        node = data
+        for i, name in enumerate(path[:-1]):
+            if not isinstance(node.get(name), dict):
+                raise ConfigError(f"unknown config key '{'.'.join(path[:i + 1 + (name in node)])}'")
+            node = node[name]
+        node[path[-1]] = value
+    return from_dict(type(cfg), data)
 
 
-def _set_path(obj, path: list[str], value: Any, prefix: str):
-    name, rest = path[0], path[1:]
-    where = f"{prefix}{name}"
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    if name not in fields:
-        raise ConfigError(f"unknown config key '{where}'")
-    current = getattr(obj, name)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"unknown config key '{where}.{'.'.join(rest)}'")
-        new = _set_path(current, rest, value, prefix=f"{where}.")
-    else:
-        new = _coerce(value, typing.get_type_hints(type(obj))[name], where)
-    return dataclasses.replace(obj, **{name: new})
+def _as_fields(obj) -> dict[str, Any]:
+    """Dataclass fields as a dict, nested dataclasses as dicts, other values untouched."""
+    return {f.name: _as_fields(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v
+            for f in dataclasses.fields(obj) if f.init}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -161,6 +165,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 DTYPES = ("float32", "bfloat16", "float16")
 Decompose = Literal["vertical", "horizontal", "none"]
+Remat = Literal["none", "layer", "group"]
+POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_groups")  # ours, never in config.json
 
 # Fields Hugging Face writes into config.json that carry no meaning for this model.
 _HF_IGNORED = {
@@ -203,6 +209,8 @@ class MonetConfig:
     torch_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
+    remat: Remat = "none"       # recompute activations in the backward pass: per layer or per routing group
+    scan_groups: bool = False   # lax.scan over routing groups: compile time independent of depth
 
     def __post_init__(self):
         self.validate()
@@ -333,8 +341,8 @@ class MonetConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` that the upstream PyTorch code (or transformers' LLaMA, when dense) loads."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.pop("param_dtype")
-        d.pop("compute_dtype")
+        for k in POLICY_FIELDS:
+            d.pop(k)
         d["num_key_value_heads"] = self.kv_heads
         d["head_dim"] = self.head_size
         if self.is_moe:

@@ -1,6 +1,6 @@
-"""The embedded default corpus and a byte-level tokenizer, so the default run needs no downloads.
+"""The embedded default corpus, so the default run needs no downloads, plus the legacy window sampler.
 
-Byte ids are shifted by 3 so that 0, 1, 2 stay pad, bos and eos as in the LLaMA vocabulary.
+The byte tokenizer lives in :mod:`monet_jax.data.tokenizer`; it is re-exported here for older callers.
 """
 
 from __future__ import annotations
@@ -9,18 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
-BYTE_VOCAB = 256 + OFFSET
+from monet_jax.data.tokenizer import BOS, BYTE_VOCAB, EOS, OFFSET, PAD, decode, encode
+
+__all__ = ["BOS", "BYTE_VOCAB", "EOS", "OFFSET", "PAD", "WindowSampler", "decode", "embedded_corpus", "encode",
+           "pack", "read_documents"]
+
 PACKAGE = Path(__file__).resolve().parent.parent
-
-
-def encode(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + OFFSET
-
-
-def decode(ids) -> str:
-    data = bytes(int(i) - OFFSET for i in ids if int(i) >= OFFSET)
-    return data.decode("utf-8", errors="replace")
 
 
 def embedded_corpus() -> list[str]:

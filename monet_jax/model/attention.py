@@ -8,6 +8,7 @@ from flax import nnx
 
 from monet_jax.config import MonetConfig
 from monet_jax.model.layers import Dense, apply_rope
+from monet_jax.sharding import constrain
 
 
 class Attention(nnx.Module):
@@ -16,10 +17,10 @@ class Attention(nnx.Module):
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, hd
         kw = dict(use_bias=False, std=cfg.initializer_range, param_dtype=param_dtype,
                   compute_dtype=compute_dtype, rngs=rngs)
-        self.q_proj = Dense(d, self.num_heads * hd, **kw)
-        self.k_proj = Dense(d, self.kv_heads * hd, **kw)
-        self.v_proj = Dense(d, self.kv_heads * hd, **kw)
-        self.o_proj = Dense(self.num_heads * hd, d, **kw)
+        self.q_proj = Dense(d, self.num_heads * hd, axes=("embed", "heads"), **kw)
+        self.k_proj = Dense(d, self.kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Dense(d, self.kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Dense(self.num_heads * hd, d, axes=("heads", "embed"), **kw)
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_btt):
         """``mask_btt[b, q, k]`` is True where query ``q`` may attend to key ``k``."""
@@ -29,7 +30,7 @@ class Attention(nnx.Module):
         k_btgd = apply_rope(self.k_proj(x_btd).reshape(b, t, g, hd), cos_btd, sin_btd)
         v_btgd = self.v_proj(x_btd).reshape(b, t, g, hd)
         # Query head n = g * r + i is served by KV head g.
-        q_btgrd = q_btnd.reshape(b, t, g, r, hd)
+        q_btgrd = constrain(q_btnd.reshape(b, t, g, r, hd), ("batch", "seq", "kv_heads", None, None))
         scores = jnp.einsum("bqgrd,bkgd->bgrqk", q_btgrd, k_btgd,
                             preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(hd))
         scores = jnp.where(mask_btt[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -38,9 +39,12 @@ class Attention(nnx.Module):
         return self.o_proj(out)
 
 
-def attention_mask(attention_mask_bt, t: int):
-    """Causal mask combined with an optional key padding mask (1 = real token, 0 = padding)."""
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
-    if attention_mask_bt is None:
-        return causal
-    return causal & attention_mask_bt.astype(bool)[:, None, :]
+def attention_mask(attention_mask_bt, t: int, segment_ids_bt=None):
+    """Causal mask combined with an optional key padding mask (1 = real token, 0 = padding) and, for
+    packed rows, a document mask (tokens attend only within their segment; segment 0 is padding)."""
+    mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    if attention_mask_bt is not None:
+        mask = mask & attention_mask_bt.astype(bool)[:, None, :]
+    if segment_ids_bt is not None:
+        mask = mask & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    return mask

@@ -15,13 +15,19 @@ def normal_init(std: float):
     return jax.nn.initializers.normal(stddev=std)
 
 
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter with logical axis names (resolved to a mesh by ``monet_jax.sharding``); sharding is
+    applied by the jitted initializer or loader, never eagerly at construction."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
 class Dense(nnx.Module):
     """``y = x @ kernel (+ bias)`` with the kernel as ``[in, out]``."""
 
-    def __init__(self, din: int, dout: int, *, use_bias: bool, std: float, param_dtype, compute_dtype,
-                 rngs: nnx.Rngs):
-        self.kernel = nnx.Param(normal_init(std)(rngs.params(), (din, dout), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype)) if use_bias else None
+    def __init__(self, din: int, dout: int, *, axes: tuple[str, str], use_bias: bool, std: float, param_dtype,
+                 compute_dtype, rngs: nnx.Rngs):
+        self.kernel = param(normal_init(std)(rngs.params(), (din, dout), param_dtype), axes)
+        self.bias = param(jnp.zeros((dout,), param_dtype), axes[1:]) if use_bias else None
         self.compute_dtype = compute_dtype
 
     def __call__(self, x, *, out_dtype=None):
@@ -35,7 +41,7 @@ class Dense(nnx.Module):
 
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, std: float, param_dtype, compute_dtype, rngs: nnx.Rngs):
-        self.embedding = nnx.Param(normal_init(std)(rngs.params(), (vocab, dim), param_dtype))
+        self.embedding = param(normal_init(std)(rngs.params(), (vocab, dim), param_dtype), ("vocab", "embed"))
         self.compute_dtype = compute_dtype
 
     def __call__(self, ids_bt):
@@ -46,7 +52,7 @@ class RMSNorm(nnx.Module):
     """LLaMA RMSNorm: normalize in float32, cast back to the input dtype, then scale."""
 
     def __init__(self, dim: int, *, eps: float, param_dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = param(jnp.ones((dim,), param_dtype), ("norm",))
         self.eps = eps
 
     def __call__(self, x):

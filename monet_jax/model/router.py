@@ -11,6 +11,7 @@ from flax import nnx
 
 from monet_jax.config import MonetConfig
 from monet_jax.model.layers import Dense
+from monet_jax.sharding import constrain
 
 
 class HeadBatchNorm(nnx.Module):
@@ -57,8 +58,8 @@ class Router(nnx.Module):
         self.heads, self.experts, self.sigma = cfg.moe_heads, cfg.moe_experts, cfg.router_sigma
         kw = dict(use_bias=False, std=cfg.initializer_range, param_dtype=param_dtype,
                   compute_dtype=compute_dtype, rngs=rngs)
-        self.w1 = Dense(cfg.hidden_size, self.heads * self.experts, **kw)
-        self.w2 = Dense(cfg.hidden_size, self.heads * self.experts, **kw)
+        self.w1 = Dense(cfg.hidden_size, self.heads * self.experts, axes=("embed", "router"), **kw)
+        self.w2 = Dense(cfg.hidden_size, self.heads * self.experts, axes=("embed", "router"), **kw)
         self.norm1 = HeadBatchNorm(self.heads)
         self.norm2 = HeadBatchNorm(self.heads)
 
@@ -68,6 +69,7 @@ class Router(nnx.Module):
         out = []
         for w, norm in ((self.w1, self.norm1), (self.w2, self.norm2)):
             z_bthe = w(x_btd, out_dtype=jnp.float32).astype(jnp.float32).reshape(b, t, self.heads, self.experts)
+            z_bthe = constrain(z_bthe, ("batch", "seq", None, "experts"))
             out.append(sparse_softmax(z_bthe, norm(z_bthe), self.sigma))
         return tuple(out)
 

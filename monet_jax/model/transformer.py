@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import flax.struct
@@ -15,6 +16,9 @@ from monet_jax.model.attention import Attention, attention_mask
 from monet_jax.model.experts import DenseMLP, make_experts
 from monet_jax.model.layers import Dense, Embed, RMSNorm, rope_tables
 from monet_jax.model.router import Router
+from monet_jax.sharding import constrain
+
+RESIDUAL = ("batch", "seq", "act_embed")
 
 
 @flax.struct.dataclass
@@ -57,21 +61,64 @@ class MonetModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
 
-    def __call__(self, input_ids_bt, attention_mask_bt=None, position_ids_bt=None):
+    def __call__(self, input_ids_bt, attention_mask_bt=None, position_ids_bt=None, segment_ids_bt=None):
         cfg = self.config
         b, t = input_ids_bt.shape
-        x_btd = self.embed_tokens(input_ids_bt)
+        x_btd = constrain(self.embed_tokens(input_ids_bt), RESIDUAL)
         if position_ids_bt is None:
             position_ids_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos_btd, sin_btd = rope_tables(position_ids_bt, cfg.head_size, cfg.rope_theta, x_btd.dtype)
-        mask_btt = attention_mask(attention_mask_bt, t)
-        probs, all_probs = None, []
-        for layer in self.layers:
-            x_btd, new_probs = layer(x_btd, cos_btd, sin_btd, mask_btt, probs)
-            if layer.router is not None:
-                all_probs.append(new_probs)
-            probs = new_probs
-        return self.norm(x_btd), tuple(all_probs)
+        mask_btt = attention_mask(attention_mask_bt, t, segment_ids_bt)
+        groups = self.routing_groups()
+        if cfg.scan_groups and len(groups) > 1:
+            x_btd, all_probs = _scan_groups(groups, x_btd, cos_btd, sin_btd, mask_btt, cfg.remat)
+        else:
+            run = partial(_run_group, remat_layers=cfg.remat == "layer")
+            if cfg.remat == "group":
+                run = nnx.remat(lambda group, *a: _run_group(group, *a))
+            all_probs = []
+            for group in groups:
+                x_btd, probs = run(group, x_btd, cos_btd, sin_btd, mask_btt)
+                all_probs.append(probs)
+        return self.norm(x_btd), tuple(p for p in all_probs if p is not None)
+
+    def routing_groups(self) -> list[nnx.List]:
+        """Consecutive layers sharing one router (each layer alone in the dense baseline)."""
+        size = self.config.moe_groups if self.config.is_moe else 1
+        return [nnx.List(self.layers[i:i + size]) for i in range(0, len(self.layers), size)]
+
+
+def _run_group(group, x_btd, cos_btd, sin_btd, mask_btt, remat_layers: bool = False):
+    """The layers of one routing group; returns the residual stream and the group's (g1, g2)."""
+    call = nnx.remat(lambda layer, *a: layer(*a)) if remat_layers else (lambda layer, *a: layer(*a))
+    probs = None
+    for layer in group:
+        x_btd, probs = call(layer, x_btd, cos_btd, sin_btd, mask_btt, probs)
+        x_btd = constrain(x_btd, RESIDUAL)
+    return x_btd, probs
+
+
+def _scan_groups(groups, x_btd, cos_btd, sin_btd, mask_btt, remat: str):
+    """``lax.scan`` over routing groups so a deep model compiles one group body. Parameters keep their
+    per-layer layout (and checkpoint names); they are stacked inside the step, which costs one copy of
+    the weights per step and buys compile time that no longer grows with depth."""
+    graphdef, _, _ = nnx.split(groups[0], nnx.Param, ...)
+    splits = [nnx.split(g, nnx.Param, ...)[1:] for g in groups]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *splits)
+
+    def body(x, group_state):
+        group = nnx.merge(graphdef, *group_state)
+        x, probs = _run_group(group, x, cos_btd, sin_btd, mask_btt, remat == "layer")
+        return x, (probs, nnx.state(group, nnx.BatchStat))
+
+    if remat == "group":
+        body = jax.checkpoint(body, prevent_cse=False)
+    x_btd, (probs, stats) = jax.lax.scan(body, x_btd, stacked)
+    for i, group in enumerate(groups):
+        nnx.update(group, jax.tree.map(lambda s, i=i: s[i], stats))
+    if probs is None:
+        return x_btd, []
+    return x_btd, [jax.tree.map(lambda p, i=i: p[i], probs) for i in range(len(groups))]
 
 
 class MonetForCausalLM(nnx.Module):
@@ -85,13 +132,17 @@ class MonetForCausalLM(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.model = MonetModel(config, rngs=rngs)
-        self.lm_head = Dense(config.hidden_size, config.vocab_size, use_bias=False, std=config.initializer_range,
+        self.lm_head = Dense(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                             std=config.initializer_range,
                              param_dtype=jnp.dtype(config.param_dtype),
                              compute_dtype=jnp.dtype(config.compute_dtype), rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, output_router_probs: bool = False):
-        hidden_btd, probs = self.model(jnp.asarray(input_ids), attention_mask, position_ids)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, segment_ids=None,
+                 output_router_probs: bool = False):
+        """``segment_ids`` (packed rows): tokens attend only within their document (0 = padding)."""
+        hidden_btd, probs = self.model(jnp.asarray(input_ids), attention_mask, position_ids, segment_ids)
         logits = self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
         return CausalLMOutput(logits=logits, router_probs=probs if output_router_probs else None)
 
     # -- checkpoints -------------------------------------------------------------------------------

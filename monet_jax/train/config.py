@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 from monet_jax.config import ConfigError, MonetConfig, apply_overrides, from_dict, load_yaml
+from monet_jax.data.pipeline import DataConfig
+from monet_jax.sharding import MeshConfig
 
 
 def tiny_model() -> MonetConfig:
@@ -16,23 +19,34 @@ def tiny_model() -> MonetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    path: str | None = None  # text file or directory; null = the embedded corpus
-    seq_len: int = 128
-    batch_size: int = 16
-    val_fraction: float = 0.05
-
-
-@dataclasses.dataclass(frozen=True)
 class OptimConfig:
     steps: int = 400
     learning_rate: float = 3e-3
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 40
+    decay_fraction: float = 0.2      # wsd: the final fraction of steps that decays linearly
     end_lr_fraction: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
+    eps: float = 1e-8
     clip_norm: float = 1.0
+    grad_accum: int = 1              # microbatches per step (the batch is split, gradients summed)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0                   # save the training state every N steps (0: only at the end / on signal)
+    keep: int = 3
+    async_save: bool = True
+    resume: bool = True              # continue from the latest checkpoint in out_dir when there is one
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    log_every: int = 10
+    tensorboard: bool = True         # event files under out_dir/tensorboard
+    wandb_project: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,22 +54,40 @@ class TrainConfig:
     model: MonetConfig = dataclasses.field(default_factory=tiny_model)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    init_from: str | None = None     # an HF or converted checkpoint to continue pre-training / fine-tune
+    freeze_routers: bool = False     # keep router weights and BatchNorm statistics fixed (fine-tuning)
     aux_loss_coef: float = 1e-3
+    nan_policy: Literal["skip", "stop"] = "skip"
     seed: int = 0
     out_dir: str = "runs/default"
     eval_every: int = 100
     eval_batches: int = 8
 
     def __post_init__(self):
-        if self.optim.steps <= 0:
-            raise ConfigError(f"optim.steps must be positive, got {self.optim.steps}")
-        if self.optim.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must not be negative, got {self.optim.warmup_steps}")
+        o = self.optim
+        if o.steps <= 0:
+            raise ConfigError(f"optim.steps must be positive, got {o.steps}")
+        if o.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must not be negative, got {o.warmup_steps}")
+        if o.grad_accum <= 0:
+            raise ConfigError(f"optim.grad_accum must be positive, got {o.grad_accum}")
+        if not 0 <= o.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction must be in [0, 1], got {o.decay_fraction}")
+        if self.data.batch_size % o.grad_accum:
+            raise ConfigError(f"data.batch_size ({self.data.batch_size}) is not divisible by optim.grad_accum "
+                              f"({o.grad_accum})")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ConfigError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
                               f"({self.model.max_position_embeddings})")
         if not 0 < self.data.val_fraction < 1:
             raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        if self.eval_every <= 0 or self.metrics.log_every <= 0:
+            raise ConfigError("eval_every and metrics.log_every must be positive")
+        if self.checkpoint.every < 0 or self.checkpoint.keep <= 0:
+            raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep positive")
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str]) -> TrainConfig:

@@ -1,117 +1,212 @@
-"""``train.py`` / ``monet-train``: train Monet with Optax on the embedded corpus or a local text file.
+"""``train.py`` / ``monet-train``: train Monet on one CPU, a GPU node, or a TPU pod.
 
     python train.py                                   # the embedded default (tiny Monet-VD, CPU)
-    python train.py --config configs/X.yaml optim.steps=1000 model.moe_groups=1
+    python train.py --config configs/X.yaml optim.steps=1000 mesh.fsdp=-1 mesh.data=1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 from tqdm import tqdm
 
+from monet_jax import sharding
 from monet_jax.config import ConfigError, count_params
-from monet_jax.data import text
-from monet_jax.model import MonetForCausalLM
-from monet_jax.model.loss import batch_loss, next_token_loss
-from monet_jax.model.router import aux_losses
+from monet_jax.convert.readers import ConvertError
+from monet_jax.data.pipeline import make_iterator
+from monet_jax.data.tokenizer import load_tokenizer
+from monet_jax.train import metrics as M
+from monet_jax.train.checkpoint import TrainCheckpoints
 from monet_jax.train.config import TrainConfig
+from monet_jax.train.optimizer import learning_rate_schedule
+from monet_jax.train.step import BATCH_KEYS, global_batch, init_state, make_eval_step, make_train_step
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    o = cfg.optim
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, min(o.warmup_steps, o.steps - 1), o.steps,
-                                                  end_value=o.learning_rate * o.end_lr_fraction)
-    # Decay only matrices (kernels, embeddings); never norms, biases or expert biases b/b1/b2.
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: str(getattr(path[-1], "key", path[-1])) in ("kernel", "embedding"), params)
-
-    return optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                       optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+class NonFiniteLoss(ValueError):
+    pass
 
 
-def loss_terms(model: MonetForCausalLM, batch, aux_coef: float):
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    out = model(inputs, output_router_probs=True)
-    ce = next_token_loss(out.logits, targets)
-    if out.router_probs:
-        terms = [aux_losses(g1, g2) for g1, g2 in out.router_probs]
-        unif = jnp.mean(jnp.stack([u for u, _ in terms]))
-        amb = jnp.mean(jnp.stack([a for _, a in terms]))
-    else:
-        unif = amb = jnp.zeros((), jnp.float32)
-    return ce + aux_coef * (unif + amb), {"ce": ce, "unif": unif, "amb": amb}
+class _StopRequest:
+    """SIGTERM / SIGINT ask the loop to save and exit at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C does not wait for the save
+        self.signal = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        flag = self.signal is not None
+        if jax.process_count() > 1:  # every host stops at the same step
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return flag
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
-@nnx.jit(static_argnums=3)
-def train_step(model, optimizer, batch, aux_coef):
-    (loss, metrics), grads = nnx.value_and_grad(loss_terms, has_aux=True)(model, batch, aux_coef)
-    optimizer.update(model, grads)
-    return dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+def _all_processes(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
 
 
-def validation_loss(model, sampler, batches: int) -> float:
-    model.eval()
-    losses = [float(batch_loss(model, jnp.asarray(b))) for b in sampler.sequential(batches)]
-    model.train()
-    return float(np.mean(losses))
+def _validate(eval_fn, state, cfg: TrainConfig, tokenizer, mesh) -> float:
+    it = make_iterator(cfg.data, tokenizer, split="validation", seed=cfg.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+    total = count = 0.0
+    for _ in range(cfg.eval_batches):
+        batch = next(it, None)
+        if _all_processes(batch is None):
+            break
+        if batch is None:  # this process's shard ran out first: contribute rows that count for nothing
+            batch = {k: np.zeros((it.rows, it.seq_len), np.float32 if k == "loss_mask" else np.int32)
+                     for k in BATCH_KEYS}
+        s, n = eval_fn(state, global_batch(batch, mesh))
+        total, count = total + float(s), count + float(n)
+    it.close()
+    return total / max(count, 1.0)
 
 
-def run(cfg: TrainConfig) -> dict:
-    if cfg.model.vocab_size < text.BYTE_VOCAB:
-        raise ConfigError(f"model.vocab_size must be at least {text.BYTE_VOCAB} for the byte tokenizer")
-    docs = text.embedded_corpus() if cfg.data.path is None else text.read_documents(cfg.data.path)
-    tokens = text.pack(docs)
-    split = int(len(tokens) * (1 - cfg.data.val_fraction))
-    train = text.WindowSampler(tokens[:split], cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
-    val = text.WindowSampler(tokens[split:], cfg.data.seq_len, cfg.data.batch_size, cfg.seed)
-
-    model = MonetForCausalLM(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    model.train()
-    optimizer = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
-    print(f"model: {cfg.model.moe_decompose} {count_params(cfg.model) / 1e6:.2f}M params | data: "
-          f"{len(tokens):,} tokens ({'embedded corpus' if cfg.data.path is None else cfg.data.path}) | "
-          f"device: {jax.devices()[0].platform}", flush=True)
-
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    first = last = None
-    history = []
-    start = time.perf_counter()
-    bar = tqdm(range(1, cfg.optim.steps + 1), desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        metrics = train_step(model, optimizer, jnp.asarray(train.next()), cfg.aux_loss_coef)
-        if step == 1 or step % 10 == 0 or step == cfg.optim.steps:
-            m = {k: float(v) for k, v in metrics.items()}
-            first = first or m
-            last = m
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{m['ce']:.3f}", unif=f"{m['unif']:.2f}", amb=f"{m['amb']:.3f}",
-                            tok_s=f"{step * tokens_per_step / elapsed:,.0f}")
-        if step % cfg.eval_every == 0 or step == cfg.optim.steps:
-            v = validation_loss(model, val, cfg.eval_batches)
-            history.append((step, v))
-            bar.write(f"step {step}: train ce {last['ce']:.4f}  val ce {v:.4f}")
-    elapsed = time.perf_counter() - start
-
+def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = False) -> dict:
+    """Train (resuming from ``out_dir/checkpoints`` when possible). ``stop_at`` behaves like a
+    preemption signal arriving after that step (used to test resumption)."""
+    if distributed:
+        jax.distributed.initialize()
+    primary = jax.process_index() == 0
     out = Path(cfg.out_dir)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer!r} has {tokenizer.vocab_size} ids but model.vocab_size "
+                          f"is {cfg.model.vocab_size}")
+    mesh = sharding.make_mesh(cfg.mesh)
+    dp = sharding.data_parallel_size(mesh)
+    if cfg.data.batch_size % (dp * cfg.optim.grad_accum):
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by the data-parallel mesh size "
+                          f"{dp} (mesh.data x mesh.fsdp) times optim.grad_accum {cfg.optim.grad_accum}")
+    train_it = make_iterator(cfg.data, tokenizer, split="train", seed=cfg.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+
+    ts = init_state(cfg, mesh)
+    ckpts = TrainCheckpoints(out / "checkpoints", cfg.checkpoint)
+    start, resumed = 0, None
+    if cfg.checkpoint.resume:
+        resumed = ckpts.restore_latest(ts.abstract(), train_it)
+        if resumed is not None:
+            start, ts.state, _ = resumed
+    train_step, eval_step = make_train_step(ts, cfg), make_eval_step(ts)
+    schedule = learning_rate_schedule(cfg.optim)
+    writer = M.MetricsWriter(out, tensorboard=cfg.metrics.tensorboard, wandb_project=cfg.metrics.wandb_project,
+                             config=dataclasses.asdict(cfg))
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    flops_per_token = M.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    if primary:
+        print(f"model: {cfg.model.moe_decompose} {count_params(cfg.model) / 1e6:.2f}M params | data: "
+              f"{cfg.data.path or 'embedded corpus'} ({cfg.data.tokenizer} tokenizer) | mesh: "
+              + " x ".join(f"{k}={v}" for k, v in mesh.shape.items())
+              + f" on {jax.device_count()} {jax.devices()[0].platform} device(s)"
+              + (f" | resumed at step {start}" if resumed else ""), flush=True)
+
+    first = last = None
+    history, skipped = [], 0
+    stopped_by = None
+    t_start = t_window = time.perf_counter()
+    window_steps = 0
+    bar = tqdm(range(start + 1, cfg.optim.steps + 1), desc="train", unit="step", dynamic_ncols=True,
+               disable=not primary, initial=start, total=cfg.optim.steps)
+    with _StopRequest() as stop:
+        for step in bar:
+            ts.state, m = train_step(ts.state, global_batch(next(train_it), mesh))
+            window_steps += 1
+            if not float(m["finite"]):
+                if cfg.nan_policy == "stop":
+                    ckpts.save(step - 1, ts.state, train_it, {"reason": "non-finite loss"}, force=True)
+                    ckpts.wait()
+                    raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (nan_policy=stop); the state "
+                                        f"before it is saved in {out / 'checkpoints'}")
+                skipped += 1
+                bar.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+            if step % cfg.metrics.log_every == 0 or step in (start + 1, cfg.optim.steps):
+                now = time.perf_counter()
+                tok_s = window_steps * tokens_per_step / (now - t_window)
+                t_window, window_steps = now, 0
+                usage = np.asarray(m["expert_usage"])
+                scalars = {k: float(m[k]) for k in ("loss", "ce", "unif", "amb", "grad_norm")}
+                scalars.update(lr=float(schedule(step - 1)), tokens_per_second=tok_s,
+                               mfu=M.mfu(tok_s, cfg.model, cfg.data.seq_len, jax.device_count()),
+                               skipped_steps=skipped)
+                scalars.update({f"expert_usage/group{g}": float(u) for g, u in enumerate(usage)})
+                writer.write(step, scalars)
+                first = first or scalars
+                last = scalars
+                post = dict(loss=f"{scalars['ce']:.3f}", aux=f"{scalars['unif']:.2f}/{scalars['amb']:.3f}",
+                            lr=f"{scalars['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
+                if scalars["mfu"] is not None:
+                    post["mfu"] = f"{100 * scalars['mfu']:.1f}%"
+                bar.set_postfix(post)
+            if step % cfg.eval_every == 0 or step == cfg.optim.steps:
+                v = _validate(eval_step, ts.state, cfg, tokenizer, mesh)
+                history.append((step, v))
+                writer.write(step, {"val/ce": v})
+                bar.write(f"step {step}: train ce {last['ce']:.4f}  val ce {v:.4f}")
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                ckpts.save(step, ts.state, train_it, {"train_ce": last["ce"] if last else None})
+            if stop.requested() or step == stop_at:
+                stopped_by = stop.signal or "stop_at"
+                ckpts.save(step, ts.state, train_it, {"reason": stopped_by}, force=True)
+                break
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    final_step = step if start < cfg.optim.steps else start
+    if stopped_by is None and start < cfg.optim.steps:
+        ckpts.save(final_step, ts.state, train_it, {"reason": "end"}, force=True)
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+    train_it.close()
+    if stopped_by is not None:
+        if primary:
+            print(f"stopped by {stopped_by} after step {final_step}; saved to {out / 'checkpoints'} "
+                  f"(run the same command to resume)")
+        return {"stopped_at": final_step}
+
+    model, _ = ts.modules()
     model.eval()
     model.save_checkpoint(out / "checkpoint", overwrite=True)
-    summary = {"steps": cfg.optim.steps, "first_train_loss": first["ce"], "final_train_loss": last["ce"],
-               "final_val_loss": history[-1][1], "aux_unif": last["unif"], "aux_amb": last["amb"],
-               "seconds": round(elapsed, 1), "tokens_per_second": round(cfg.optim.steps * tokens_per_step / elapsed)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"done in {elapsed:.0f}s: train loss {first['ce']:.3f} -> {last['ce']:.3f}, "
-          f"val loss {history[-1][1]:.3f}; checkpoint at {out / 'checkpoint'}")
+    ran = final_step - start
+    summary = {"steps": cfg.optim.steps, "resumed_from": start, "skipped_steps": skipped,
+               "first_train_loss": first["ce"] if first else None, "final_train_loss": last["ce"] if last else None,
+               "final_val_loss": history[-1][1] if history else None,
+               "aux_unif": last["unif"] if last else None, "aux_amb": last["amb"] if last else None,
+               "seconds": round(elapsed, 1),
+               "tokens_per_second": round(ran * tokens_per_step / elapsed) if ran else None,
+               "model_flops_per_token": flops_per_token}
+    if primary:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if first and history:
+            print(f"done in {elapsed:.0f}s: train loss {first['ce']:.3f} -> {last['ce']:.3f}, val loss "
+                  f"{history[-1][1]:.3f}; checkpoint at {out / 'checkpoint'}")
     return summary
 
 
@@ -119,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="monet-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML training config (default: the embedded tiny run)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.steps=100")
     args = p.parse_args(argv)
     try:
-        run(TrainConfig.load(args.config, args.overrides))
-    except (ConfigError, ValueError) as e:
+        run(TrainConfig.load(args.config, args.overrides), distributed=args.distributed)
+    except (ConfigError, ConvertError, ValueError) as e:
         print(f"monet-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,157 @@
+"""Compile the real training step for a TPU topology on a machine without TPUs (libtpu required).
+
+    python tools/aot_compile.py --config configs/monet-vd-1.4b.yaml --topology v4:4x4x2 \\
+        data.batch_size=1024 data.seq_len=2048 mesh.data=1 mesh.fsdp=-1 model.remat=group optim.grad_accum=4
+
+Prints per-device memory (against the chip's HBM) and the compiler's cost analysis: FLOPs, bytes,
+its estimated step time, and the MFU that estimate implies for the model FLOPs of the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+# v4 and v5p chips run as one "megacore" device (two TensorCores); HBM per JAX device in that mode.
+HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32, "v3": 16, "v2": 8}
+MEGACORE = ("v4", "v5p")
+
+
+def _topology_env(topology: str, megacore: bool) -> tuple[str, int]:
+    """``TPU_ACCELERATOR_TYPE`` for a topology like ``v4:4x4x2`` (named by TensorCores on megacore chips)."""
+    gen, _, dims = topology.partition(":")
+    if gen not in HBM_GIB or not dims:
+        raise ValueError(f"unsupported topology {topology!r} (expected e.g. v4:2x2x2, v5e:4x4, v6e:2x2)")
+    try:
+        chips = math.prod(int(d) for d in dims.split("x"))
+    except ValueError:
+        raise ValueError(f"bad topology dimensions in {topology!r}") from None
+    cores = chips * (2 if gen in MEGACORE else 1)
+    return f"{gen}-{cores}", chips
+
+
+def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
+    """Lower and compile the train step of ``cfg`` for ``topology``; returns the figures."""
+    import jax
+    from flax import nnx
+    from jax.experimental import topologies
+
+    from monet_jax import sharding
+    from monet_jax.train import metrics as M
+    from monet_jax.train.step import BATCH_KEYS, TrainState, _build, make_train_step
+
+    gen = topology.split(":")[0]
+    megacore = gen in MEGACORE and not per_core
+    accel, chips = _topology_env(topology, megacore)
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", accel)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    kwargs = {"chip_config_name": "megacore"} if megacore else {}
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
+    devices = topo.devices
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+
+    cfg = dataclasses.replace(cfg, init_from=None)  # only shapes matter here
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg)))
+    shardings = sharding.state_shardings(abstract, mesh)
+    ts = TrainState(graphdef, abstract, shardings, mesh)
+    dp = sharding.data_parallel_size(mesh)
+    rows = cfg.data.batch_size
+    if rows % (dp * cfg.optim.grad_accum):
+        raise ValueError(f"data.batch_size {rows} is not divisible by data x fsdp ({dp}) x grad_accum "
+                         f"({cfg.optim.grad_accum})")
+    batch_sh = sharding.batch_sharding(mesh, 2)
+    batch = {k: jax.ShapeDtypeStruct((rows, cfg.data.seq_len), "float32" if k == "loss_mask" else "int32",
+                                     sharding=batch_sh) for k in BATCH_KEYS}
+    state = ts.abstract()
+    step = make_train_step(ts, cfg)
+    t0 = time.perf_counter()
+    with sharding.activate(mesh):
+        lowered = step.jitted.lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
+        - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
+    hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
+    tokens = rows * cfg.data.seq_len
+    model_flops = tokens * M.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    seconds = float(cost.get("optimal_seconds", float("nan")))
+    peak = dict(M.PEAK_FLOPS).get(f"TPU {gen}", None)
+    return {
+        "topology": topology, "devices": len(devices), "chips": chips, "device_kind": devices[0].device_kind,
+        "megacore": megacore, "mesh": dict(mesh.shape), "tokens_per_step": tokens,
+        "compile_seconds": round(compile_s, 1),
+        "memory_per_device": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+                              "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+                              "code": mem.generated_code_size_in_bytes, "total": per_device},
+        "hbm_per_device": int(hbm), "fits": per_device <= hbm,
+        "compiler_flops_per_device": float(cost.get("flops", float("nan"))),
+        "compiler_bytes_per_device": float(cost.get("bytes accessed", float("nan"))),
+        "estimated_step_seconds": seconds,
+        "model_flops_per_step": model_flops,
+        "implied_mfu": (model_flops / (seconds * len(devices) * peak)
+                        if peak and seconds == seconds and seconds > 0 else None),
+    }
+
+
+def _report(r: dict) -> str:
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    m = r["memory_per_device"]
+    lines = [
+        f"topology {r['topology']}: {r['chips']} chips, {r['devices']} devices ({r['device_kind']}"
+        f"{', megacore' if r['megacore'] else ''}); mesh " + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()),
+        f"compiled in {r['compile_seconds']}s; {r['tokens_per_step']:,} tokens per step",
+        f"memory per device: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, temporaries "
+        f"{gib(m['temporaries'])}, aliased {gib(m['aliased'])}, code {gib(m['code'])}",
+        f"  total {gib(m['total'])} of {gib(r['hbm_per_device'])} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"compiler cost per device: {r['compiler_flops_per_device']:.4g} FLOPs, "
+        f"{r['compiler_bytes_per_device']:.4g} bytes accessed",
+        f"estimated step time {r['estimated_step_seconds']:.3f}s; model FLOPs per step {r['model_flops_per_step']:.4g}"
+        + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="aot_compile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML training config (default: the embedded tiny run)")
+    p.add_argument("--topology", default="v4:2x2x2", help="TPU topology, e.g. v4:4x4x2 (32 chips)")
+    p.add_argument("--per-core", action="store_true", help="one device per TensorCore instead of megacore")
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = p.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs on CPU; the TPU exists only as a topology
+
+    from monet_jax.config import ConfigError
+    from monet_jax.train.config import TrainConfig
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        print("aot_compile: error: libtpu is not installed (pip install 'monet-jax[tpu]')", file=sys.stderr)
+        return 2
+    try:
+        result = compile_for_topology(TrainConfig.load(args.config, args.overrides), args.topology,
+                                      per_core=args.per_core)
+    except (ConfigError, ValueError) as e:
+        print(f"aot_compile: error: {e}", file=sys.stderr)
+        return 2
+    print(_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The sharded training state and the jitted train / eval steps.
+
+The state is the NNX state of ``(model, optimizer)``: parameters (float32 master weights), BatchNorm
+statistics and the AdamW moments, each sharded by its logical axes. Steps are pure functions of that
+state, jitted with explicit in/out shardings and the state donated, so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from monet_jax import sharding
+from monet_jax.model import MonetForCausalLM
+from monet_jax.model.router import aux_losses
+from monet_jax.train.config import TrainConfig
+from monet_jax.train.optimizer import make_optimizer
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a step consumes and returns, plus what is needed to rebuild modules from it."""
+
+    graphdef: Any
+    state: nnx.State
+    shardings: Any  # NamedSharding per leaf of ``state``
+    mesh: Mesh
+
+    @property
+    def step(self) -> int:
+        return int(self.state[1]["step"].get_value())
+
+    def modules(self) -> tuple[MonetForCausalLM, nnx.Optimizer]:
+        return nnx.merge(self.graphdef, self.state)
+
+    def abstract(self):
+        """``ShapeDtypeStruct`` tree with shardings: the restore target for checkpoints."""
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.state, self.shardings)
+
+
+def _build(cfg: TrainConfig, model: MonetForCausalLM | None = None):
+    model = model if model is not None else MonetForCausalLM(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    model.train()
+    if cfg.freeze_routers:
+        for layer in model.model.layers:  # routing stays exactly as loaded: running statistics only
+            if layer.router is not None:
+                layer.router.norm1.use_running_average = layer.router.norm2.use_running_average = True
+    optimizer = nnx.Optimizer(model, make_optimizer(cfg.optim, freeze_routers=cfg.freeze_routers), wrt=nnx.Param)
+    return model, optimizer
+
+
+def init_state(cfg: TrainConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> TrainState:
+    """A fresh (or ``init_from``) state, created directly in its sharded layout."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg)))
+    shardings = sharding.state_shardings(abstract, mesh, rules)
+    if cfg.init_from is None:
+        with sharding.activate(mesh, rules):
+            state = jax.jit(lambda: nnx.split(_build(cfg))[1], out_shardings=shardings)()
+    else:
+        pretrained = MonetForCausalLM.from_pretrained(cfg.init_from, param_dtype=cfg.model.param_dtype)
+        if pretrained.config.to_hf_dict() != cfg.model.to_hf_dict():
+            diff = sorted(k for k, v in cfg.model.to_hf_dict().items() if pretrained.config.to_hf_dict().get(k) != v)
+            raise ValueError(f"init_from {cfg.init_from}: its config.json differs from model.* in {', '.join(diff)}")
+        _, state = nnx.split(_build(cfg, pretrained))
+        state = jax.device_put(state, shardings)
+    return TrainState(graphdef, state, shardings, mesh)
+
+
+def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: float, micro: int):
+    """The objective on one (micro)batch: cross-entropy summed here and divided by the tokens of the
+    whole batch, so accumulated microbatch gradients equal the full batch's; plus the aux losses."""
+    out = model(batch["input_ids"], position_ids=batch["positions"], segment_ids=batch["segment_ids"],
+                output_router_probs=True)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce_sum = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"]) * mask)
+    zero = jnp.zeros((), jnp.float32)
+    if out.router_probs:
+        terms = [aux_losses(g1, g2) for g1, g2 in out.router_probs]
+        unif = jnp.mean(jnp.stack([u for u, _ in terms]))
+        amb = jnp.mean(jnp.stack([a for _, a in terms]))
+        # Fraction of the E experts (per head, both halves) that any token of the batch routed to.
+        usage = jnp.stack([(jnp.mean(jnp.any(g1 > 0, axis=(0, 1))) + jnp.mean(jnp.any(g2 > 0, axis=(0, 1)))) / 2
+                           for g1, g2 in out.router_probs])
+    else:
+        unif = amb = zero
+        usage = jnp.zeros((0,), jnp.float32)
+    loss = ce_sum / total_tokens + aux_coef * (unif + amb) / micro
+    return loss, {"ce_sum": ce_sum, "unif": unif / micro, "amb": amb / micro, "usage": usage}
+
+
+def _grads(model: MonetForCausalLM, batch: dict, cfg: TrainConfig):
+    """Gradients of the batch, accumulated over ``optim.grad_accum`` microbatches with ``lax.scan``."""
+    micro = cfg.optim.grad_accum
+    total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    grad_fn = nnx.value_and_grad(loss_terms, has_aux=True)
+    if micro == 1:
+        (loss, aux), grads = grad_fn(model, batch, total, cfg.aux_loss_coef, 1)
+        return loss, aux, grads
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    mbs = jax.tree.map(lambda x: x.reshape(micro, x.shape[0] // micro, *x.shape[1:]), batch)
+
+    def body(carry, mb):
+        rest, acc = carry
+        # Fresh Variables in this trace: NNX refuses graph nodes created by the enclosing trace.
+        m = nnx.merge(gdef, jax.tree.map(lambda x: x, params), rest)
+        (loss, aux), g = grad_fn(m, mb, total, cfg.aux_loss_coef, micro)
+        acc = jax.tree.map(jnp.add, acc, (loss, aux, g))
+        return (nnx.state(m, nnx.Not(nnx.Param)), acc), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    aux0 = {"ce_sum": 0.0, "unif": 0.0, "amb": 0.0,
+            "usage": jnp.zeros((cfg.model.num_routers,), jnp.float32)}
+    aux0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux0)
+    (rest, (loss, aux, grads)), _ = jax.lax.scan(body, (rest, (jnp.zeros(()), aux0, zeros)), mbs)
+    nnx.update(model, rest)
+    aux["usage"] = aux["usage"] / micro
+    return loss, aux, grads
+
+
+def make_train_step(ts: TrainState, cfg: TrainConfig, rules=sharding.DEFAULT_RULES):
+    """``step(state, batch) -> (state, metrics)``. A step whose loss or gradient norm is not finite
+    leaves the state untouched and reports ``finite = 0`` (the loop applies the NaN policy)."""
+    graphdef = ts.graphdef
+
+    def step(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss, aux, grads = _grads(model, batch, cfg)
+        grad_norm = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        new_state = nnx.state((model, optimizer))
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+        metrics = {"loss": loss, "ce": aux["ce_sum"] / jnp.maximum(tokens, 1.0), "unif": aux["unif"],
+                   "amb": aux["amb"], "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+                   "expert_usage": aux["usage"]}
+        return new_state, metrics
+
+    replicated = NamedSharding(ts.mesh, PartitionSpec())
+    batch_sh = {k: sharding.batch_sharding(ts.mesh, 2, rules) for k in BATCH_KEYS}
+    jitted = jax.jit(step, in_shardings=(ts.shardings, batch_sh), out_shardings=(ts.shardings, replicated),
+                     donate_argnums=0)
+
+    def run(state, batch):
+        with sharding.activate(ts.mesh, rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
+
+
+def make_eval_step(ts: TrainState, rules=sharding.DEFAULT_RULES):
+    """``eval(state, batch) -> (ce_sum, tokens)`` with BatchNorm on its running statistics."""
+    graphdef = ts.graphdef
+
+    def evaluate(state, batch):
+        model, _ = nnx.merge(graphdef, state)
+        model.eval()
+        out = model(batch["input_ids"], position_ids=batch["positions"], segment_ids=batch["segment_ids"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
+        return jnp.sum(ce * mask), jnp.sum(mask)
+
+    batch_sh = {k: sharding.batch_sharding(ts.mesh, 2, rules) for k in BATCH_KEYS}
+    jitted = jax.jit(evaluate, in_shardings=(ts.shardings, batch_sh))
+
+    def run(state, batch):
+        with sharding.activate(ts.mesh, rules):
+            return jitted(state, batch)
+
+    return run
+
+
+def global_batch(batch: dict, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> dict:
+    """Assemble this process's rows into global arrays sharded over the data-parallel axes."""
+    dp = sharding.data_parallel_size(mesh, rules)
+    rows = next(iter(batch.values())).shape[0] * jax.process_count()
+    if rows % dp:
+        raise ValueError(f"global batch of {rows} rows is not divisible by the {dp}-way data-parallel mesh "
+                         f"(data x fsdp)")
+    out = {}
+    for k in BATCH_KEYS:
+        sh = sharding.batch_sharding(mesh, batch[k].ndim, rules)
+        if jax.process_count() == 1:
+            out[k] = jax.device_put(batch[k], sh)
+        else:
+            out[k] = jax.make_array_from_process_local_data(sh, batch[k])
+    return out
