@@ -336,8 +336,9 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
     source = MonetForCausalLM(cfg.model, rngs=nnx.Rngs(7))
     source.save_checkpoint(tmp_path / "pretrained")
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
-    ts = init_state(tiny(f"init_from={tmp_path / 'pretrained'}"), mesh)
+    ts = init_state(tiny(f"init_from={tmp_path / 'pretrained'}", "model.remat=layer"), mesh)
     model, opt = ts.modules()
+    assert model.config.remat == "layer"  # the run's policy, not the checkpoint's defaults
     want = source.flat_state()
     for k, v in model.flat_state().items():
         np.testing.assert_array_equal(np.asarray(v), np.asarray(want[k]))

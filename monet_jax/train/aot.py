@@ -43,7 +43,7 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
 
     from monet_jax import sharding
     from monet_jax.train import metrics as M
-    from monet_jax.train.step import BATCH_KEYS, TrainState, _build, make_train_step
+    from monet_jax.train.step import BATCH_KEYS, TrainState, _build
 
     gen = topology.split(":")[0]
     megacore = gen in MEGACORE and not per_core
@@ -51,6 +51,7 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", accel)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no TPU to guard with a lockfile
     kwargs = {"chip_config_name": "megacore"} if megacore else {}
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
     devices = topo.devices
@@ -69,16 +70,26 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     batch = {k: jax.ShapeDtypeStruct((rows, cfg.data.seq_len), "float32" if k == "loss_mask" else "int32",
                                      sharding=batch_sh) for k in BATCH_KEYS}
     state = ts.abstract()
-    step = make_train_step(ts, cfg)
     t0 = time.perf_counter()
-    with sharding.activate(mesh):
-        lowered = step.jitted.lower(state, batch)
-    compiled = lowered.compile()
+    compiled = _compile(ts, cfg, state, batch)
     compile_s = time.perf_counter() - t0
-
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    # XLA's cost analysis counts a loop body once, whatever its trip count: take the costs from the
+    # same step with no loops (one microbatch, layers unrolled) and scale by the number of microbatches.
+    accum = cfg.optim.grad_accum
+    if accum > 1 or cfg.model.scan_groups:
+        flat = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_groups=False),
+                                   optim=dataclasses.replace(cfg.optim, grad_accum=1))
+        micro = {k: jax.ShapeDtypeStruct((rows // accum, cfg.data.seq_len), v.dtype, sharding=batch_sh)
+                 for k, v in batch.items()}
+        flat_graphdef, _ = nnx.split(nnx.eval_shape(lambda: _build(flat)))  # the model reads scan_groups
+        cost_compiled = _compile(TrainState(flat_graphdef, abstract, shardings, mesh), flat, state, micro)
+    else:
+        cost_compiled = compiled
+    cost = cost_compiled.cost_analysis()
+    cost = dict(cost[0] if isinstance(cost, list | tuple) else cost)
+    for key in ("flops", "bytes accessed", "optimal_seconds"):
+        cost[key] = float(cost.get(key, float("nan"))) * accum
     per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
         - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
     hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
@@ -103,6 +114,15 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     }
 
 
+def _compile(ts, cfg, state, batch):
+    from monet_jax import sharding
+    from monet_jax.train.step import make_train_step
+
+    step = make_train_step(ts, cfg)
+    with sharding.activate(ts.mesh):
+        return step.jitted.lower(state, batch).compile()
+
+
 def _report(r: dict) -> str:
     gib = lambda b: f"{b / 2**30:.2f} GiB"
     m = r["memory_per_device"]
@@ -113,7 +133,7 @@ def _report(r: dict) -> str:
         f"memory per device: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, temporaries "
         f"{gib(m['temporaries'])}, aliased {gib(m['aliased'])}, code {gib(m['code'])}",
         f"  total {gib(m['total'])} of {gib(r['hbm_per_device'])} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"compiler cost per device: {r['compiler_flops_per_device']:.4g} FLOPs, "
+        f"compiler cost per device (loops unrolled): {r['compiler_flops_per_device']:.4g} FLOPs, "
         f"{r['compiler_bytes_per_device']:.4g} bytes accessed",
         f"estimated step time {r['estimated_step_seconds']:.3f}s; model FLOPs per step {r['model_flops_per_step']:.4g}"
         + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
@@ -124,7 +144,8 @@ def _report(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="aot_compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML training config (default: the embedded tiny run)")
+    p.add_argument("--config", action="append", default=None,
+                   help="YAML config (repeatable: merged in order); default: the embedded tiny run")
     p.add_argument("--topology", default="v4:2x2x2", help="TPU topology, e.g. v4:4x4x2 (32 chips)")
     p.add_argument("--per-core", action="store_true", help="one device per TensorCore instead of megacore")
     p.add_argument("--json", default=None, help="also write the figures to this file")

@@ -90,11 +90,24 @@ class TrainConfig:
             raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep positive")
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str]) -> TrainConfig:
-        cfg = cls()
-        if path is not None:
-            try:
-                cfg = from_dict(cls, load_yaml(path))
-            except ConfigError as e:
-                raise ConfigError(f"{path}: {e}") from None
+    def load(cls, paths: str | Path | list | None, overrides: list[str]) -> TrainConfig:
+        """YAML files merged in order (later keys win, sections merge), then dotted overrides."""
+        paths = [] if paths is None else [paths] if isinstance(paths, str | Path) else list(paths)
+        if not paths:
+            return apply_overrides(cls(), overrides)
+        data: dict = {}
+        for path in paths:
+            _merge(data, load_yaml(path))
+        try:
+            cfg = from_dict(cls, data)
+        except ConfigError as e:
+            raise ConfigError(f"{', '.join(map(str, paths))}: {e}") from None
         return apply_overrides(cfg, overrides)
+
+
+def _merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v

@@ -213,7 +213,8 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="monet-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML training config (default: the embedded tiny run)")
+    p.add_argument("--config", action="append", default=None,
+                   help="YAML config (repeatable: merged in order); default: the embedded tiny run")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.steps=100")

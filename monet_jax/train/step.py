@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monet_jax import sharding
+from monet_jax.config import POLICY_FIELDS
 from monet_jax.model import MonetForCausalLM
 from monet_jax.model.router import aux_losses
 from monet_jax.train.config import TrainConfig
@@ -67,12 +68,24 @@ def init_state(cfg: TrainConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Tr
             state = jax.jit(lambda: nnx.split(_build(cfg))[1], out_shardings=shardings)()
     else:
         pretrained = MonetForCausalLM.from_pretrained(cfg.init_from, param_dtype=cfg.model.param_dtype)
-        if pretrained.config.to_hf_dict() != cfg.model.to_hf_dict():
-            diff = sorted(k for k, v in cfg.model.to_hf_dict().items() if pretrained.config.to_hf_dict().get(k) != v)
+        have, want = _architecture(pretrained.config), _architecture(cfg.model)
+        if have != want:
+            diff = sorted(k for k in want if have[k] != want[k])
             raise ValueError(f"init_from {cfg.init_from}: its config.json differs from model.* in {', '.join(diff)}")
-        _, state = nnx.split(_build(cfg, pretrained))
+        # Rebuilt under cfg.model, so the run's dtype / remat / scan policy applies to the loaded weights.
+        model = MonetForCausalLM.from_flat(cfg.model, pretrained.flat_state())
+        del pretrained
+        _, state = nnx.split(_build(cfg, model))
         state = jax.device_put(state, shardings)
     return TrainState(graphdef, state, shardings, mesh)
+
+
+def _architecture(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    for k in (*POLICY_FIELDS, "torch_dtype"):
+        d.pop(k)
+    d["num_key_value_heads"], d["head_dim"] = cfg.kv_heads, cfg.head_size
+    return d
 
 
 def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: float, micro: int):

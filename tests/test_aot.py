@@ -1,0 +1,42 @@
+"""The TPU ahead-of-time compile of the real training step (needs libtpu; skipped without it)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("libtpu", reason="libtpu not installed (pip install 'monet-jax[tpu]')")
+
+
+def aot(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "aot_compile.py"), "--json", str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+    return proc, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def test_tiny_train_step_compiles_for_a_v4_slice(tmp_path):
+    proc, r = aot(tmp_path, "--topology", "v4:2x2x2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                  "optim.grad_accum=2", "model.scan_groups=true", "model.remat=layer")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["devices"] == 8 and r["megacore"] and r["device_kind"] == "TPU v4"
+    assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert r["fits"] and 0 < r["memory_per_device"]["total"] < r["hbm_per_device"] == 32 * 2**30
+    # The compiler's FLOPs (8 devices) cover at least the model's FLOPs, and not wildly more.
+    total = r["compiler_flops_per_device"] * r["devices"]
+    assert 0.9 * r["model_flops_per_step"] < total < 3 * r["model_flops_per_step"]
+    assert r["estimated_step_seconds"] > 0 and 0 < r["implied_mfu"] < 1
+    assert "memory per device" in proc.stdout and "implied MFU" in proc.stdout
+
+
+def test_per_core_devices_and_bad_topologies(tmp_path):
+    proc, r = aot(tmp_path, "--topology", "v4:2x2x1", "--per-core")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert r["devices"] == 8 and not r["megacore"] and r["hbm_per_device"] == 16 * 2**30
+    proc, _ = aot(tmp_path, "--topology", "v9:2x2")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("aot_compile: error: ")
