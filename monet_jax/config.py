@@ -338,6 +338,13 @@ class MonetConfig:
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
+    def architecture(self) -> dict[str, Any]:
+        """What fixes the weights' meaning: every field but the dtype / remat / scan policy."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in POLICY_FIELDS}
+        d.pop("torch_dtype")
+        d.update(num_key_value_heads=self.kv_heads, head_dim=self.head_size)
+        return d
+
     def to_hf_dict(self) -> dict[str, Any]:
         """The ``config.json`` that the upstream PyTorch code (or transformers' LLaMA, when dense) loads."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

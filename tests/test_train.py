@@ -346,3 +346,16 @@ def test_init_from_a_checkpoint_starts_from_its_weights(tmp_path):
     with pytest.raises(ValueError, match="differs from model.* in .*hidden_size"):
         init_state(tiny(f"init_from={tmp_path / 'pretrained'}", "model.hidden_size=64"), mesh)
     assert json.loads((tmp_path / "pretrained" / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_rerunning_a_finished_or_different_run(tmp_path, capsys):
+    cfg = tiny("optim.steps=2", f"out_dir={tmp_path}")
+    run(cfg)
+    assert run(cfg) == {"already_done": 2}
+    assert "already holds step 2 of optim.steps=2" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="holds checkpoints of a different run .*model"):
+        run(tiny("optim.steps=4", "model.hidden_size=64", f"out_dir={tmp_path}"))
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # a mismatch is not mistaken for corruption
+    summary = run(tiny("optim.steps=3", "model.hidden_size=64", "checkpoint.resume=false", f"out_dir={tmp_path}"))
+    assert summary["resumed_from"] == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]

@@ -75,21 +75,28 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     # XLA's cost analysis counts a loop body once, whatever its trip count: take the costs from the
-    # same step with no loops (one microbatch, layers unrolled) and scale by the number of microbatches.
-    accum = cfg.optim.grad_accum
-    if accum > 1 or cfg.model.scan_groups:
-        flat = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_groups=False),
-                                   optim=dataclasses.replace(cfg.optim, grad_accum=1))
-        micro = {k: jax.ShapeDtypeStruct((rows // accum, cfg.data.seq_len), v.dtype, sharding=batch_sh)
+    # same step with no loops (layers unrolled, one microbatch) and scale by the number of microbatches.
+    # Unrolled, a microbatch may not fit in HBM (the TPU compiler then refuses it); halve it until it
+    # does (weight reads are then counted once per piece, so bytes are an upper bound).
+    accum, pieces = cfg.optim.grad_accum, 1
+    cost_compiled = compiled if accum == 1 and not cfg.model.scan_groups else None
+    flat = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_groups=False),
+                               optim=dataclasses.replace(cfg.optim, grad_accum=1))
+    flat_graphdef, _ = nnx.split(nnx.eval_shape(lambda: _build(flat)))  # the model reads scan_groups
+    while cost_compiled is None:
+        micro_rows = rows // (accum * pieces)
+        micro = {k: jax.ShapeDtypeStruct((micro_rows, cfg.data.seq_len), v.dtype, sharding=batch_sh)
                  for k, v in batch.items()}
-        flat_graphdef, _ = nnx.split(nnx.eval_shape(lambda: _build(flat)))  # the model reads scan_groups
-        cost_compiled = _compile(TrainState(flat_graphdef, abstract, shardings, mesh), flat, state, micro)
-    else:
-        cost_compiled = compiled
+        try:
+            cost_compiled = _compile(TrainState(flat_graphdef, abstract, shardings, mesh), flat, state, micro)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e) or micro_rows % (2 * dp):
+                raise
+            pieces *= 2
     cost = cost_compiled.cost_analysis()
     cost = dict(cost[0] if isinstance(cost, list | tuple) else cost)
     for key in ("flops", "bytes accessed", "optimal_seconds"):
-        cost[key] = float(cost.get(key, float("nan"))) * accum
+        cost[key] = float(cost.get(key, float("nan"))) * accum * pieces
     per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
         - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
     hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
@@ -100,7 +107,7 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     return {
         "topology": topology, "devices": len(devices), "chips": chips, "device_kind": devices[0].device_kind,
         "megacore": megacore, "mesh": dict(mesh.shape), "tokens_per_step": tokens,
-        "compile_seconds": round(compile_s, 1),
+        "compile_seconds": round(compile_s, 1), "cost_pieces_per_step": accum * pieces,
         "memory_per_device": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
                               "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
                               "code": mem.generated_code_size_in_bytes, "total": per_device},
@@ -133,7 +140,8 @@ def _report(r: dict) -> str:
         f"memory per device: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, temporaries "
         f"{gib(m['temporaries'])}, aliased {gib(m['aliased'])}, code {gib(m['code'])}",
         f"  total {gib(m['total'])} of {gib(r['hbm_per_device'])} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"compiler cost per device (loops unrolled): {r['compiler_flops_per_device']:.4g} FLOPs, "
+        f"compiler cost per device (loops unrolled, {r['cost_pieces_per_step']} pieces per step): "
+        f"{r['compiler_flops_per_device']:.4g} FLOPs, "
         f"{r['compiler_bytes_per_device']:.4g} bytes accessed",
         f"estimated step time {r['estimated_step_seconds']:.3f}s; model FLOPs per step {r['model_flops_per_step']:.4g}"
         + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),

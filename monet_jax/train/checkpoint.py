@@ -20,6 +20,10 @@ from flax import nnx
 from monet_jax.train.config import CheckpointConfig
 
 
+class RunMismatch(ValueError):
+    pass
+
+
 class _JsonStateIterator:
     """Presents any iterator with ``get_state() -> dict`` / ``set_state(dict)`` to Grain's handler
     (which stores each process's position as ``process_<i>-of-<n>.json``)."""
@@ -38,7 +42,9 @@ class _JsonStateIterator:
 
 
 class TrainCheckpoints:
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, identity: dict | None = None):
+        """``identity`` (JSON-able) names the run; resuming a checkpoint of another run is an error."""
+        self.identity = identity
         import grain
 
         self.directory = Path(directory).absolute()
@@ -59,14 +65,23 @@ class TrainCheckpoints:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
                                   data=self._grain.checkpoint.CheckpointSave(_JsonStateIterator(data_iterator)),
-                                  meta=ocp.args.JsonSave(dict(meta, step=step)))
+                                  meta=ocp.args.JsonSave(dict(meta, step=step, run=self.identity)))
         return self.manager.save(step, args=args, force=force)
 
     def restore_latest(self, abstract_state: nnx.State, data_iterator) -> tuple[int, nnx.State, dict] | None:
         """Newest restorable checkpoint as ``(step, state, meta)``; ``data_iterator`` is repositioned."""
         for step in reversed(self.steps()):
             try:
+                saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                if self.identity is not None and saved.get("run") != json.loads(json.dumps(self.identity)):
+                    other = saved.get("run") or {}
+                    diff = sorted(k for k in self.identity if other.get(k) != json.loads(json.dumps(self.identity[k])))
+                    raise RunMismatch(f"{self.directory} holds checkpoints of a different run (differs in "
+                                      f"{', '.join(diff) or 'everything'}); use another out_dir or "
+                                      f"checkpoint.resume=false")
                 return step, *self.restore(step, abstract_state, data_iterator)
+            except RunMismatch:
+                raise
             except Exception as e:  # noqa: BLE001 -- any failure to read a step means: use the previous one
                 reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
                 self._move_aside(step)
@@ -92,6 +107,10 @@ class TrainCheckpoints:
                 shutil.rmtree(dst, ignore_errors=True)
                 src.rename(dst)
         self.manager.reload()
+
+    def delete_all(self) -> None:
+        for step in self.steps():
+            self.manager.delete(step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

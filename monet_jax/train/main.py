@@ -109,12 +109,27 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                              process_index=jax.process_index(), process_count=jax.process_count())
 
     ts = init_state(cfg, mesh)
-    ckpts = TrainCheckpoints(out / "checkpoints", cfg.checkpoint)
+    identity = {"model": cfg.model.architecture(), "seed": cfg.seed,
+                **{k: getattr(cfg.data, k) for k in ("path", "format", "tokenizer", "seq_len", "batch_size",
+                                                      "packing", "val_fraction")}}
+    ckpts = TrainCheckpoints(out / "checkpoints", cfg.checkpoint, identity)
     start, resumed = 0, None
     if cfg.checkpoint.resume:
         resumed = ckpts.restore_latest(ts.abstract(), train_it)
         if resumed is not None:
             start, ts.state, _ = resumed
+    elif ckpts.steps():
+        if primary:
+            print(f"checkpoint.resume=false: deleting the checkpoints in {out / 'checkpoints'} (steps "
+                  f"{', '.join(map(str, ckpts.steps()))})", flush=True)
+        ckpts.delete_all()
+    if start >= cfg.optim.steps:
+        ckpts.close()
+        train_it.close()
+        if primary:
+            print(f"{out / 'checkpoints'} already holds step {start} of optim.steps={cfg.optim.steps}: nothing to "
+                  f"train (raise optim.steps, use another out_dir, or checkpoint.resume=false to start over)")
+        return {"already_done": start}
     train_step, eval_step = make_train_step(ts, cfg), make_eval_step(ts)
     schedule = learning_rate_schedule(cfg.optim)
     writer = M.MetricsWriter(out, tensorboard=cfg.metrics.tensorboard, wandb_project=cfg.metrics.wandb_project,
@@ -178,8 +193,8 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                 break
     bar.close()
     elapsed = time.perf_counter() - t_start
-    final_step = step if start < cfg.optim.steps else start
-    if stopped_by is None and start < cfg.optim.steps:
+    final_step = step
+    if stopped_by is None:
         ckpts.save(final_step, ts.state, train_it, {"reason": "end"}, force=True)
     ckpts.wait()
     ckpts.close()

@@ -17,7 +17,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monet_jax import sharding
-from monet_jax.config import POLICY_FIELDS
 from monet_jax.model import MonetForCausalLM
 from monet_jax.model.router import aux_losses
 from monet_jax.train.config import TrainConfig
@@ -68,7 +67,7 @@ def init_state(cfg: TrainConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Tr
             state = jax.jit(lambda: nnx.split(_build(cfg))[1], out_shardings=shardings)()
     else:
         pretrained = MonetForCausalLM.from_pretrained(cfg.init_from, param_dtype=cfg.model.param_dtype)
-        have, want = _architecture(pretrained.config), _architecture(cfg.model)
+        have, want = pretrained.config.architecture(), cfg.model.architecture()
         if have != want:
             diff = sorted(k for k in want if have[k] != want[k])
             raise ValueError(f"init_from {cfg.init_from}: its config.json differs from model.* in {', '.join(diff)}")
@@ -78,14 +77,6 @@ def init_state(cfg: TrainConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Tr
         _, state = nnx.split(_build(cfg, model))
         state = jax.device_put(state, shardings)
     return TrainState(graphdef, state, shardings, mesh)
-
-
-def _architecture(cfg) -> dict:
-    d = dataclasses.asdict(cfg)
-    for k in (*POLICY_FIELDS, "torch_dtype"):
-        d.pop(k)
-    d["num_key_value_heads"], d["head_dim"] = cfg.kv_heads, cfg.head_size
-    return d
 
 
 def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: float, micro: int):
