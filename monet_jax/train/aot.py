@@ -19,6 +19,8 @@ import time
 
 # v4 and v5p chips run as one "megacore" device (two TensorCores); HBM per JAX device in that mode.
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32, "v3": 16, "v2": 8}
+HBM_BYTES_PER_S = {"v4": 1.2e12, "v5p": 2.76e12, "v5e": 0.82e12, "v5litepod": 0.82e12, "v6e": 1.64e12, "v3": 0.9e12,
+                   "v2": 0.7e12}  # per chip
 MEGACORE = ("v4", "v5p")
 
 
@@ -102,8 +104,14 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
     tokens = rows * cfg.data.seq_len
     model_flops = tokens * M.train_flops_per_token(cfg.model, cfg.data.seq_len)
+    share = 2 if gen in MEGACORE and per_core else 1  # a per-core device has half a chip
+    peak = (M.peak_flops(devices[0]) or float("nan")) / share
+    flops, nbytes = float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
+    # The compiler's own estimate when it gives one; otherwise a roofline of its FLOP and byte counts.
     seconds = float(cost.get("optimal_seconds", float("nan")))
-    peak = dict(M.PEAK_FLOPS).get(f"TPU {gen}", None)
+    estimate = "compiler"
+    if not seconds > 0:
+        seconds, estimate = max(flops / peak, nbytes / (HBM_BYTES_PER_S[gen] / share)), "roofline"
     return {
         "topology": topology, "devices": len(devices), "chips": chips, "device_kind": devices[0].device_kind,
         "megacore": megacore, "mesh": dict(mesh.shape), "tokens_per_step": tokens,
@@ -112,12 +120,11 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
                               "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
                               "code": mem.generated_code_size_in_bytes, "total": per_device},
         "hbm_per_device": int(hbm), "fits": per_device <= hbm,
-        "compiler_flops_per_device": float(cost.get("flops", float("nan"))),
-        "compiler_bytes_per_device": float(cost.get("bytes accessed", float("nan"))),
-        "estimated_step_seconds": seconds,
+        "compiler_flops_per_device": flops, "compiler_bytes_per_device": nbytes,
+        "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
+        "estimated_step_seconds": seconds, "step_time_estimate": estimate,
         "model_flops_per_step": model_flops,
-        "implied_mfu": (model_flops / (seconds * len(devices) * peak)
-                        if peak and seconds == seconds and seconds > 0 else None),
+        "implied_mfu": model_flops / (seconds * len(devices) * peak) if seconds > 0 else None,
     }
 
 
@@ -143,7 +150,10 @@ def _report(r: dict) -> str:
         f"compiler cost per device (loops unrolled, {r['cost_pieces_per_step']} pieces per step): "
         f"{r['compiler_flops_per_device']:.4g} FLOPs, "
         f"{r['compiler_bytes_per_device']:.4g} bytes accessed",
-        f"estimated step time {r['estimated_step_seconds']:.3f}s; model FLOPs per step {r['model_flops_per_step']:.4g}"
+        f"estimated step time {r['estimated_step_seconds']:.3f}s ("
+        + ("the compiler's estimate" if r["step_time_estimate"] == "compiler" else
+           f"roofline of the counts above; the compiler's optimal_seconds was {r['compiler_optimal_seconds']:.4g}")
+        + f"); model FLOPs per step {r['model_flops_per_step']:.4g}"
         + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
     ]
     return "\n".join(lines)
