@@ -1,6 +1,7 @@
 """``eval.py`` / ``monet-eval``: evaluate a checkpoint (ours or a Hugging Face directory).
 
     python eval.py perplexity runs/default/checkpoint [--data FILE_OR_DIR]
+    python eval.py tasks runs/default/checkpoint arc_easy.jsonl piqa.jsonl [--shots 5] [--tokenizer PATH]
 
 Text is tokenized with the byte-level tokenizer of the embedded default run.
 """
@@ -45,10 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     ppl.add_argument("--seq-len", type=int, default=128)
     ppl.add_argument("--batch-size", type=int, default=8)
     ppl.add_argument("--max-batches", type=int, default=None)
+    tsk = sub.add_parser("tasks", help="multiple choice by log-likelihood on local JSONL files (acc, acc_norm)")
+    tsk.add_argument("checkpoint")
+    tsk.add_argument("files", nargs="+", help="JSONL: {\"context\": ..., \"choices\": [...], \"answer\": i}")
+    tsk.add_argument("--shots", type=int, default=0)
+    tsk.add_argument("--fewshot-file", default=None, help="examples for the shots (default: the same file)")
+    tsk.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
+    tsk.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
 
     from monet_jax import MonetForCausalLM
 
+    if args.command == "tasks":
+        return _tasks(args)
     try:
         model = MonetForCausalLM.from_pretrained(args.checkpoint)
         docs = text.embedded_corpus() if args.data is None else text.read_documents(args.data)
@@ -62,6 +72,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"loss {result['loss']:.4f}  ppl {result['perplexity']:.3f}  tokens {result['tokens']:,}  "
           f"({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _tasks(args) -> int:
+    from monet_jax import MonetForCausalLM
+    from monet_jax.data.tokenizer import load_tokenizer
+    from monet_jax.eval import tasks
+
+    try:
+        model = MonetForCausalLM.from_pretrained(args.checkpoint)
+        tokenizer = load_tokenizer(args.tokenizer)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
+        pool = tasks.read_examples(args.fewshot_file) if args.fewshot_file else None
+        results = {}
+        for path in args.files:
+            results[path] = tasks.evaluate(model, tokenizer, tasks.read_examples(path), shots=args.shots,
+                                           shot_pool=pool, batch_size=args.batch_size)
+    except (ConfigError, ConvertError, ValueError) as e:
+        print(f"monet-eval: error: {e}", file=sys.stderr)
+        return 2
+    for path, r in results.items():
+        print(f"{path}: acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['examples']} examples, "
+              f"{r['shots']}-shot)")
+    if len(results) > 1:
+        print(f"average: acc {np.mean([r['acc'] for r in results.values()]):.4f}  "
+              f"acc_norm {np.mean([r['acc_norm'] for r in results.values()]):.4f}")
     return 0
 
 

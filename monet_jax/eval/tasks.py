@@ -1,0 +1,124 @@
+"""Zero- and few-shot multiple choice scored by log-likelihood, on local JSONL files.
+
+One example per line::
+
+    {"context": "Question: ...\\nAnswer:", "choices": [" Paris", " Rome"], "answer": 0}
+
+Each choice is scored as ``sum log p(choice tokens | bos + shots + context)``. ``acc`` takes the
+highest sum; ``acc_norm`` divides it by the choice's length in UTF-8 bytes first (as lm-eval does), so
+long answers are not penalized for their length. Few-shot prompts prepend the first ``shots`` examples
+of a separate file (or of the same file, never the scored example) with their correct answers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"task file not found: {path}")
+    examples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            ex = Example(str(row["context"]), tuple(str(c) for c in row["choices"]), int(row["answer"]))
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not valid JSON") from None
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}:{n}: expected context (string), choices (list) and answer (index)") from None
+        if len(ex.choices) < 2 or not 0 <= ex.answer < len(ex.choices):
+            raise ValueError(f"{path}:{n}: needs two or more choices and an answer index among them")
+        examples.append(ex)
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def few_shot_prefix(shots: list[Example]) -> str:
+    return "".join(ex.context + ex.choices[ex.answer] + "\n\n" for ex in shots)
+
+
+@nnx.jit
+def _choice_logprobs(model, tokens_bt, score_mask_bt):
+    """Sum of log p(token t | tokens < t) over the positions marked in ``score_mask``."""
+    logits = model(tokens_bt[:, :-1]).logits
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(picked * score_mask_bt[:, 1:], axis=-1)
+
+
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 8,
+                   max_len: int | None = None, progress: bool = True) -> np.ndarray:
+    """``log p(continuation | context)`` for each ``(context, continuation)``; contexts are left-truncated
+    to fit ``max_len`` (the model's positions by default), padded on the right to a bucket length."""
+    max_len = max_len or model.config.max_position_embeddings
+    rows, masks = [], []
+    for context, continuation in requests:
+        ctx = [tokenizer.bos_id, *map(int, tokenizer.encode(context))]
+        cont = [int(t) for t in tokenizer.encode(continuation)]
+        if not cont:
+            raise ValueError(f"empty continuation after tokenization: {continuation!r}")
+        ids = (ctx + cont)[-(max_len + 1):]
+        rows.append(ids)
+        masks.append([0.0] * (len(ids) - len(cont)) + [1.0] * len(cont))
+    order = np.argsort([-len(r) for r in rows], kind="stable")  # similar lengths share a batch
+    out = np.zeros(len(rows), np.float64)
+    batches = range(0, len(rows), batch_size)
+    for start in tqdm(batches, desc="tasks", unit="batch", disable=not progress):
+        idx = order[start:start + batch_size]
+        longest = max(len(rows[i]) for i in idx)
+        width = max(min(1 << max(int(np.ceil(np.log2(longest))), 3), max_len + 1), longest)  # few shapes
+        tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+        mask = np.zeros((batch_size, width), np.float32)
+        for j, i in enumerate(idx):
+            tokens[j, :len(rows[i])] = rows[i]
+            mask[j, :len(masks[i])] = masks[i]
+        scores = np.asarray(_choice_logprobs(model, jnp.asarray(tokens), jnp.asarray(mask)))
+        out[idx] = scores[:len(idx)]
+    return out
+
+
+def evaluate(model, tokenizer, examples: list[Example], *, shots: int = 0, shot_pool: list[Example] | None = None,
+             batch_size: int = 8, progress: bool = True) -> dict:
+    """Accuracy and length-normalized accuracy over ``examples``."""
+    pool = shot_pool if shot_pool is not None else examples
+    requests, owners = [], []
+    for k, ex in enumerate(examples):
+        shots_for = [s for s in pool if s is not ex][:shots] if shots else []
+        if len(shots_for) < shots:
+            raise ValueError(f"{shots} shots requested but only {len(shots_for)} examples are available for them")
+        prefix = few_shot_prefix(shots_for)
+        for c, choice in enumerate(ex.choices):
+            requests.append((prefix + ex.context, choice))
+            owners.append((k, c))
+    scores = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress)
+    per_example: dict[int, list[tuple[int, float]]] = {}
+    for (k, c), s in zip(owners, scores, strict=True):
+        per_example.setdefault(k, []).append((c, s))
+    correct = correct_norm = 0
+    for k, ex in enumerate(examples):
+        s = np.array([v for _, v in sorted(per_example[k])])
+        lengths = np.array([max(len(ch.encode("utf-8")), 1) for ch in ex.choices])
+        correct += int(np.argmax(s) == ex.answer)
+        correct_norm += int(np.argmax(s / lengths) == ex.answer)
+    n = len(examples)
+    return {"acc": correct / n, "acc_norm": correct_norm / n, "examples": n, "shots": shots}
