@@ -1,6 +1,7 @@
 """``eval.py`` / ``monet-eval``: evaluate a checkpoint (ours or a Hugging Face directory).
 
     python eval.py perplexity runs/default/checkpoint [--data FILE_OR_DIR]
+    python eval.py generate runs/default/checkpoint --prompt "def main(" [--temperature 0.8 --top-p 0.95]
     python eval.py tasks runs/default/checkpoint arc_easy.jsonl piqa.jsonl [--shots 5] [--tokenizer PATH]
 
 Text is tokenized with the byte-level tokenizer of the embedded default run.
@@ -53,12 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     tsk.add_argument("--fewshot-file", default=None, help="examples for the shots (default: the same file)")
     tsk.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
     tsk.add_argument("--batch-size", type=int, default=8)
+    gen = sub.add_parser("generate", help="continue prompts (KV cache; greedy, temperature, top-k, top-p)")
+    gen.add_argument("checkpoint")
+    gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
     args = p.parse_args(argv)
 
     from monet_jax import MonetForCausalLM
 
     if args.command == "tasks":
         return _tasks(args)
+    if args.command == "generate":
+        return _generate(args)
     try:
         model = MonetForCausalLM.from_pretrained(args.checkpoint)
         docs = text.embedded_corpus() if args.data is None else text.read_documents(args.data)
@@ -72,6 +84,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"loss {result['loss']:.4f}  ppl {result['perplexity']:.3f}  tokens {result['tokens']:,}  "
           f"({time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def _generate(args) -> int:
+    from monet_jax import MonetForCausalLM
+    from monet_jax.data.tokenizer import load_tokenizer
+    from monet_jax.eval.generate import Sampling, generate
+
+    try:
+        model = MonetForCausalLM.from_pretrained(args.checkpoint)
+        tokenizer = load_tokenizer(args.tokenizer)
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
+        prompts = [[tokenizer.bos_id, *map(int, tokenizer.encode(p))] for p in args.prompt]
+        res = generate(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
+                       pad_id=tokenizer.pad_id, seed=args.seed,
+                       sampling=Sampling(args.temperature, args.top_k, args.top_p))
+    except (ConfigError, ConvertError, ValueError) as e:
+        print(f"monet-eval: error: {e}", file=sys.stderr)
+        return 2
+    for i, (prompt, new) in enumerate(zip(args.prompt, res["tokens"], strict=True), 1):
+        print(f"--- prompt {i}: {prompt!r}")
+        print(prompt + tokenizer.decode(new))
+    rate = res["decode_tokens_per_second"]
+    print(f"prefill {res['prefill_seconds']:.2f}s (with compile); decode "
+          + (f"{rate:,.1f} tokens/s" if rate else "n/a tokens/s") + f" at batch {len(prompts)}")
     return 0
 
 

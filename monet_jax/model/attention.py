@@ -24,18 +24,34 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_btt):
         """``mask_btt[b, q, k]`` is True where query ``q`` may attend to key ``k``."""
+        q_btnd, k_btgd, v_btgd = self._qkv(x_btd, cos_btd, sin_btd)
+        return self._attend(q_btnd, k_btgd, v_btgd, mask_btt)
+
+    def cached(self, x_btd, cos_btd, sin_btd, mask_bts, kv, index):
+        """Decoding: write this step's keys/values into the cache ``kv`` (each ``[b, S, kv_heads, d]``) at
+        ``index`` and attend over the whole cache; ``mask_bts`` says which cache slots each query sees."""
+        q_btnd, k_btgd, v_btgd = self._qkv(x_btd, cos_btd, sin_btd)
+        k_bsgd = jax.lax.dynamic_update_slice_in_dim(kv[0], k_btgd.astype(kv[0].dtype), index, axis=1)
+        v_bsgd = jax.lax.dynamic_update_slice_in_dim(kv[1], v_btgd.astype(kv[1].dtype), index, axis=1)
+        return self._attend(q_btnd, k_bsgd, v_bsgd, mask_bts), (k_bsgd, v_bsgd)
+
+    def _qkv(self, x_btd, cos_btd, sin_btd):
         b, t, _ = x_btd.shape
-        g, r, hd = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
-        q_btnd = apply_rope(self.q_proj(x_btd).reshape(b, t, g * r, hd), cos_btd, sin_btd)
+        g, hd = self.kv_heads, self.head_dim
+        q_btnd = apply_rope(self.q_proj(x_btd).reshape(b, t, self.num_heads, hd), cos_btd, sin_btd)
         k_btgd = apply_rope(self.k_proj(x_btd).reshape(b, t, g, hd), cos_btd, sin_btd)
-        v_btgd = self.v_proj(x_btd).reshape(b, t, g, hd)
+        return q_btnd, k_btgd, self.v_proj(x_btd).reshape(b, t, g, hd)
+
+    def _attend(self, q_btnd, k_bsgd, v_bsgd, mask_bts):
+        b, t = q_btnd.shape[:2]
+        g, r, hd = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
         # Query head n = g * r + i is served by KV head g.
         q_btgrd = constrain(q_btnd.reshape(b, t, g, r, hd), ("batch", "seq", "kv_heads", None, None))
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q_btgrd, k_btgd,
+        scores = jnp.einsum("bqgrd,bkgd->bgrqk", q_btgrd, k_bsgd,
                             preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(hd))
-        scores = jnp.where(mask_btt[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_btgd.dtype)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v_btgd).reshape(b, t, g * r * hd)
+        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgd.dtype)
+        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v_bsgd).reshape(b, t, g * r * hd)
         return self.o_proj(out)
 
 

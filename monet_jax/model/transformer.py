@@ -44,6 +44,14 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, probs):
         """``probs`` is the (g1, g2) of the routing group's first layer; returns (x, probs)."""
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask_btt)
+        return self._mlp(x_btd, probs)
+
+    def cached(self, x_btd, cos_btd, sin_btd, mask_bts, probs, kv, index):
+        """One decoding step with this layer's key/value cache; returns (x, probs, kv)."""
+        attn, kv = self.self_attn.cached(self.input_layernorm(x_btd), cos_btd, sin_btd, mask_bts, kv, index)
+        return *self._mlp(x_btd + attn, probs), kv
+
+    def _mlp(self, x_btd, probs):
         h_btd = self.post_attention_layernorm(x_btd)
         if not hasattr(self, "moe"):
             return x_btd + self.mlp(h_btd), None
@@ -81,6 +89,21 @@ class MonetModel(nnx.Module):
                 x_btd, probs = run(group, x_btd, cos_btd, sin_btd, mask_btt)
                 all_probs.append(probs)
         return self.norm(x_btd), tuple(p for p in all_probs if p is not None)
+
+    def cached(self, input_ids_bt, position_ids_bt, key_mask_bs, cache, index):
+        """Decode with a key/value cache: ``input_ids`` fill cache slots ``index .. index + t``; a query
+        sees the valid (``key_mask``) slots up to its own."""
+        cfg = self.config
+        t, s = input_ids_bt.shape[1], key_mask_bs.shape[1]
+        x_btd = self.embed_tokens(input_ids_bt)
+        cos_btd, sin_btd = rope_tables(position_ids_bt, cfg.head_size, cfg.rope_theta, x_btd.dtype)
+        causal_ts = jnp.arange(s)[None, :] <= index + jnp.arange(t)[:, None]
+        mask_bts = key_mask_bs[:, None, :] & causal_ts[None]
+        probs, new_cache = None, []
+        for layer, kv in zip(self.layers, cache, strict=True):
+            x_btd, probs, kv = layer.cached(x_btd, cos_btd, sin_btd, mask_bts, probs, kv, index)
+            new_cache.append(kv)
+        return self.norm(x_btd), new_cache
 
     def routing_groups(self) -> list[nnx.List]:
         """Consecutive layers sharing one router (each layer alone in the dense baseline)."""
@@ -144,6 +167,19 @@ class MonetForCausalLM(nnx.Module):
         logits = self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
         return CausalLMOutput(logits=logits, router_probs=probs if output_router_probs else None)
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def init_cache(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
+        """Zeroed keys/values ``[batch, length, kv_heads, head_dim]`` per layer, in the compute dtype."""
+        cfg = self.config
+        shape = (batch, length, cfg.kv_heads, cfg.head_size)
+        return [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+                for _ in range(cfg.num_hidden_layers)]
+
+    def cached(self, input_ids, position_ids, key_mask, cache, index):
+        """Logits (float32) of ``input_ids`` written at cache slot ``index``, and the updated cache."""
+        hidden_btd, cache = self.model.cached(jnp.asarray(input_ids), position_ids, key_mask, cache, index)
+        return self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32), cache
 
     # -- checkpoints -------------------------------------------------------------------------------
     @classmethod
