@@ -2,6 +2,7 @@
 
     python eval.py perplexity runs/default/checkpoint [--data FILE_OR_DIR]
     python eval.py generate runs/default/checkpoint --prompt "def main(" [--temperature 0.8 --top-p 0.95]
+    python eval.py experts tokens runs/default/checkpoint --text "def main():"
     python eval.py tasks runs/default/checkpoint arc_easy.jsonl piqa.jsonl [--shots 5] [--tokenizer PATH]
 
 Text is tokenized with the byte-level tokenizer of the embedded default run.
@@ -63,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
+    exp = sub.add_parser("experts", help="expert microscope").add_subparsers(dest="experts_command", required=True)
+    tok = exp.add_parser("tokens", help="each token's active composed experts (id i*E+j, score) per routing group")
+    tok.add_argument("checkpoint")
+    tok.add_argument("--text", required=True)
+    tok.add_argument("--top", type=int, default=3, help="experts shown per token and group")
+    tok.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
     args = p.parse_args(argv)
 
     from monet_jax import MonetForCausalLM
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tasks(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "experts":
+        return _expert_tokens(args)
     try:
         model = MonetForCausalLM.from_pretrained(args.checkpoint)
         docs = text.embedded_corpus() if args.data is None else text.read_documents(args.data)
@@ -110,6 +119,32 @@ def _generate(args) -> int:
     rate = res["decode_tokens_per_second"]
     print(f"prefill {res['prefill_seconds']:.2f}s (with compile); decode "
           + (f"{rate:,.1f} tokens/s" if rate else "n/a tokens/s") + f" at batch {len(prompts)}")
+    return 0
+
+
+def _expert_tokens(args) -> int:
+    from monet_jax import MonetForCausalLM
+    from monet_jax.data.tokenizer import load_tokenizer
+    from monet_jax.experts.microscope import token_routing
+
+    try:
+        model = MonetForCausalLM.from_pretrained(args.checkpoint)
+        tokenizer = load_tokenizer(args.tokenizer)
+        ids = [tokenizer.bos_id, *map(int, tokenizer.encode(args.text))]
+        if max(ids) >= model.config.vocab_size:
+            raise ValueError(f"token id {max(ids)} is outside the model's vocabulary ({model.config.vocab_size})")
+        routing = token_routing(model, np.array(ids))
+    except (ConfigError, ConvertError, ValueError) as e:
+        print(f"monet-eval: error: {e}", file=sys.stderr)
+        return 2
+    e = model.config.moe_experts
+    print(f"composed expert id = i * {e} + j; score = sum over heads of g1[h, i] * g2[h, j]")
+    for t, groups in zip(ids, routing, strict=True):
+        cells = []
+        for g, r in enumerate(groups):
+            top = ", ".join(f"{i}:{s:.3f}" for i, s in zip(r.expert_ids[:args.top], r.scores[:args.top], strict=True))
+            cells.append(f"group {g}: {len(r.expert_ids):4d} active, top {top}")
+        print(f"{tokenizer.decode([t]) or '<bos>'!r:>10}  " + " | ".join(cells))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Expert tools: the microscope (which composed experts a token uses) and, later, the scalpel."""

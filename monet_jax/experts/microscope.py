@@ -1,0 +1,54 @@
+"""Per-token routing: which composed experts ``(i, j)`` each token uses in each routing group.
+
+Composed expert ``(i, j)`` of a group gets the score ``s_ij = sum_h g1_hi * g2_hj``; its id is
+``i * E + j`` (the paper's "Group g / Expert idx"). Routing probabilities are sparse (about ``moe_topk``
+experts per head and side), so the active set is the union over heads of ``supp(g1_h) x supp(g2_h)``
+and is found from the nonzeros, without forming an ``E x E`` table per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from flax import nnx
+
+
+@dataclass(frozen=True)
+class TokenRouting:
+    """Active composed experts of one token in one routing group, highest score first."""
+
+    expert_ids: np.ndarray  # int64 [n], i * E + j
+    scores: np.ndarray      # float32 [n], sum over heads of g1_hi * g2_hj
+
+
+@nnx.jit
+def _router_probs(model, ids_bt):
+    return model(ids_bt, output_router_probs=True).router_probs
+
+
+def composed_scores(g1_he: np.ndarray, g2_he: np.ndarray) -> TokenRouting:
+    experts = g1_he.shape[1]
+    acc: dict[int, float] = {}
+    for h in range(g1_he.shape[0]):
+        i_idx, j_idx = np.flatnonzero(g1_he[h]), np.flatnonzero(g2_he[h])
+        if not len(i_idx) or not len(j_idx):
+            continue
+        ids = (i_idx[:, None] * experts + j_idx[None, :]).ravel()
+        vals = (g1_he[h, i_idx][:, None] * g2_he[h, j_idx][None, :]).ravel()
+        for k, v in zip(ids.tolist(), vals.tolist(), strict=True):
+            acc[k] = acc.get(k, 0.0) + v
+    ids = np.fromiter(acc.keys(), np.int64, len(acc))
+    scores = np.fromiter(acc.values(), np.float32, len(acc))
+    order = np.lexsort((ids, -scores))
+    return TokenRouting(ids[order], scores[order])
+
+
+def token_routing(model, ids_t: np.ndarray) -> list[list[TokenRouting]]:
+    """``[token][group]`` routing of one token sequence (inference mode, BatchNorm running statistics)."""
+    if not model.config.is_moe:
+        raise ValueError("the dense baseline has no experts to inspect")
+    model.eval()
+    probs = _router_probs(model, np.asarray(ids_t, np.int32)[None])
+    groups = [(np.asarray(g1)[0], np.asarray(g2)[0]) for g1, g2 in probs]
+    return [[composed_scores(g1[t], g2[t]) for g1, g2 in groups] for t in range(len(ids_t))]
