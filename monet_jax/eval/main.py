@@ -96,16 +96,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _generate(args) -> int:
+def _model_and_tokenizer(args):
     from monet_jax import MonetForCausalLM
     from monet_jax.data.tokenizer import load_tokenizer
+
+    model = MonetForCausalLM.from_pretrained(args.checkpoint)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def _generate(args) -> int:
     from monet_jax.eval.generate import Sampling, generate
 
     try:
-        model = MonetForCausalLM.from_pretrained(args.checkpoint)
-        tokenizer = load_tokenizer(args.tokenizer)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
+        model, tokenizer = _model_and_tokenizer(args)
         prompts = [[tokenizer.bos_id, *map(int, tokenizer.encode(p))] for p in args.prompt]
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
                        pad_id=tokenizer.pad_id, seed=args.seed,
@@ -123,16 +129,11 @@ def _generate(args) -> int:
 
 
 def _expert_tokens(args) -> int:
-    from monet_jax import MonetForCausalLM
-    from monet_jax.data.tokenizer import load_tokenizer
     from monet_jax.experts.microscope import token_routing
 
     try:
-        model = MonetForCausalLM.from_pretrained(args.checkpoint)
-        tokenizer = load_tokenizer(args.tokenizer)
+        model, tokenizer = _model_and_tokenizer(args)
         ids = [tokenizer.bos_id, *map(int, tokenizer.encode(args.text))]
-        if max(ids) >= model.config.vocab_size:
-            raise ValueError(f"token id {max(ids)} is outside the model's vocabulary ({model.config.vocab_size})")
         routing = token_routing(model, np.array(ids))
     except (ConfigError, ConvertError, ValueError) as e:
         print(f"monet-eval: error: {e}", file=sys.stderr)
@@ -149,15 +150,10 @@ def _expert_tokens(args) -> int:
 
 
 def _tasks(args) -> int:
-    from monet_jax import MonetForCausalLM
-    from monet_jax.data.tokenizer import load_tokenizer
     from monet_jax.eval import tasks
 
     try:
-        model = MonetForCausalLM.from_pretrained(args.checkpoint)
-        tokenizer = load_tokenizer(args.tokenizer)
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
+        model, tokenizer = _model_and_tokenizer(args)
         pool = tasks.read_examples(args.fewshot_file) if args.fewshot_file else None
         results = {}
         for path in args.files:
