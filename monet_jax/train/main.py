@@ -52,24 +52,20 @@ class _StopRequest:
         self.signal = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        flag = self.signal is not None
-        if jax.process_count() > 1:  # every host stops at the same step
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-        return flag
+        return _across_processes(self.signal is not None, np.any)  # every host stops at the same step
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _all_processes(flag: bool) -> bool:
+def _across_processes(flag: bool, reduce) -> bool:
+    """``reduce`` (np.any / np.all) of ``flag`` over all processes."""
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
 
-    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+    return bool(reduce(multihost_utils.process_allgather(np.array(flag))))
 
 
 def _validate(eval_fn, state, cfg: TrainConfig, tokenizer, mesh) -> float:
@@ -78,7 +74,7 @@ def _validate(eval_fn, state, cfg: TrainConfig, tokenizer, mesh) -> float:
     total = count = 0.0
     for _ in range(cfg.eval_batches):
         batch = next(it, None)
-        if _all_processes(batch is None):
+        if _across_processes(batch is None, np.all):
             break
         if batch is None:  # this process's shard ran out first: contribute rows that count for nothing
             batch = {k: np.zeros((it.rows, it.seq_len), np.float32 if k == "loss_mask" else np.int32)

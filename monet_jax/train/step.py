@@ -34,10 +34,6 @@ class TrainState:
     shardings: Any  # NamedSharding per leaf of ``state``
     mesh: Mesh
 
-    @property
-    def step(self) -> int:
-        return int(self.state[1]["step"].get_value())
-
     def modules(self) -> tuple[MonetForCausalLM, nnx.Optimizer]:
         return nnx.merge(self.graphdef, self.state)
 
@@ -84,8 +80,7 @@ def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: flo
     whole batch, so accumulated microbatch gradients equal the full batch's; plus the aux losses."""
     out = model(batch["input_ids"], position_ids=batch["positions"], segment_ids=batch["segment_ids"],
                 output_router_probs=True)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    ce_sum = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"]) * mask)
+    ce_sum, _ = _masked_ce(out.logits, batch)
     zero = jnp.zeros((), jnp.float32)
     if out.router_probs:
         terms = [aux_losses(g1, g2) for g1, g2 in out.router_probs]
@@ -99,6 +94,23 @@ def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: flo
         usage = jnp.zeros((0,), jnp.float32)
     loss = ce_sum / total_tokens + aux_coef * (unif + amb) / micro
     return loss, {"ce_sum": ce_sum, "unif": unif / micro, "amb": amb / micro, "usage": usage}
+
+
+def _masked_ce(logits, batch):
+    """(sum of next-token cross-entropy over the tokens that count, how many count)."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def _under_mesh(jitted, mesh: Mesh, rules):
+    """Call ``jitted`` with the mesh active, so activation constraints apply while it traces."""
+    def run(state, batch):
+        with sharding.activate(mesh, rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
 
 
 def _grads(model: MonetForCausalLM, batch: dict, cfg: TrainConfig):
@@ -153,13 +165,7 @@ def make_train_step(ts: TrainState, cfg: TrainConfig, rules=sharding.DEFAULT_RUL
     batch_sh = {k: sharding.batch_sharding(ts.mesh, 2, rules) for k in BATCH_KEYS}
     jitted = jax.jit(step, in_shardings=(ts.shardings, batch_sh), out_shardings=(ts.shardings, replicated),
                      donate_argnums=0)
-
-    def run(state, batch):
-        with sharding.activate(ts.mesh, rules):
-            return jitted(state, batch)
-
-    run.jitted = jitted
-    return run
+    return _under_mesh(jitted, ts.mesh, rules)
 
 
 def make_eval_step(ts: TrainState, rules=sharding.DEFAULT_RULES):
@@ -170,18 +176,10 @@ def make_eval_step(ts: TrainState, rules=sharding.DEFAULT_RULES):
         model, _ = nnx.merge(graphdef, state)
         model.eval()
         out = model(batch["input_ids"], position_ids=batch["positions"], segment_ids=batch["segment_ids"])
-        mask = batch["loss_mask"].astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
-        return jnp.sum(ce * mask), jnp.sum(mask)
+        return _masked_ce(out.logits, batch)
 
     batch_sh = {k: sharding.batch_sharding(ts.mesh, 2, rules) for k in BATCH_KEYS}
-    jitted = jax.jit(evaluate, in_shardings=(ts.shardings, batch_sh))
-
-    def run(state, batch):
-        with sharding.activate(ts.mesh, rules):
-            return jitted(state, batch)
-
-    return run
+    return _under_mesh(jax.jit(evaluate, in_shardings=(ts.shardings, batch_sh)), ts.mesh, rules)
 
 
 def global_batch(batch: dict, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> dict:
