@@ -17,6 +17,31 @@ from monet_jax.sharding import constrain
 EXPERT_ACT = ("batch", "seq", "experts", None)  # [b, t, E, m]: experts split like tensor-parallel hidden units
 
 
+class ExpertDeletion(nnx.Variable):
+    """A layer's ``[E, E]`` 0/1 matrix of deleted composed experts ``(i, j)``: never trained, never saved."""
+
+
+def deleted_weights(g1_bthi, g2_bthj, d_ij):
+    """Total routing weight of the deleted experts on each side: ``C1[i] = sum_h g1_hi sum_j D_ij g2_hj``
+    and ``C2[j] = sum_h g2_hj sum_i D_ij g1_hi``."""
+    c1_bti = jnp.einsum("bthi,bthi->bti", g1_bthi, jnp.einsum("ij,bthj->bthi", d_ij, g2_bthj))
+    c2_btj = jnp.einsum("bthj,bthj->btj", g2_bthj, jnp.einsum("ij,bthi->bthj", d_ij, g1_bthi))
+    return c1_bti, c2_btj
+
+
+def deleted_to_j(x_btim, g1_bthi, g2_bthj, d_ij):
+    """``sum_h g2_hj sum_i D_ij g1_hi x_im``: the deleted experts' units ``x_i`` gathered at slot ``j``.
+    Goes through ``[b, t, H, E, m]`` (H times the expert activations), never a ``[.., E, E]`` per token."""
+    y_bthim = g1_bthi[..., None] * x_btim[:, :, None]
+    return jnp.einsum("bthj,bthjm->btjm", g2_bthj, jnp.einsum("ij,bthim->bthjm", d_ij, y_bthim))
+
+
+def deleted_to_i(x_btjm, g1_bthi, g2_bthj, d_ij):
+    """``sum_h g1_hi sum_j D_ij g2_hj x_jm``: the deleted experts' units ``x_j`` gathered at slot ``i``."""
+    y_bthjm = g2_bthj[..., None] * x_btjm[:, :, None]
+    return jnp.einsum("bthi,bthim->btim", g1_bthi, jnp.einsum("ij,bthjm->bthim", d_ij, y_bthjm))
+
+
 class VerticalExperts(nnx.Module):
     """VD: expert ``(i, j)`` = left half ``i`` and right half ``j`` of the hidden units, each feeding
     both the top and bottom halves of the output (straight and cross flows)."""
@@ -35,7 +60,9 @@ class VerticalExperts(nnx.Module):
         self.b1 = param(jnp.zeros((e, d // 2), param_dtype), ("experts", "embed"))
         self.b2 = param(jnp.zeros((e, d // 2), param_dtype), ("experts", "embed"))
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj):
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
+        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
+        Expert ``(i, j)`` outputs ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
         g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
@@ -45,10 +72,18 @@ class VerticalExperts(nnx.Module):
         # Cross flows contract one side over its experts first, then spread over the other side.
         y2_bthm = jnp.einsum("bthj,btjm->bthm", g2, x2_btjm)
         y1_bthm = jnp.einsum("bthi,btim->bthm", g1, x1_btim)
+        cross12_btim = jnp.einsum("bthm,bthi->btim", y2_bthm, g1)
+        cross21_btjm = jnp.einsum("bthm,bthj->btjm", y1_bthm, g2)
+        if deleted is not None:  # subtract the deleted experts' share of each flow
+            d_ij = deleted.astype(cd)
+            c1_bti, c2_btj = deleted_weights(g1, g2, d_ij)
+            s1_bti, s2_btj = s1_bti - c1_bti, s2_btj - c2_btj
+            cross12_btim = cross12_btim - deleted_to_i(x2_btjm, g1, g2, d_ij)
+            cross21_btjm = cross21_btjm - deleted_to_j(x1_btim, g1, g2, d_ij)
         top = (self.v11((x1_btim * s1_bti[..., None]).reshape(b, t, -1))
-               + self.v12(jnp.einsum("bthm,bthi->btim", y2_bthm, g1).reshape(b, t, -1))
+               + self.v12(cross12_btim.reshape(b, t, -1))
                + jnp.einsum("bti,id->btd", s1_bti, self.b1[...].astype(cd)))
-        bottom = (self.v21(jnp.einsum("bthm,bthj->btjm", y1_bthm, g2).reshape(b, t, -1))
+        bottom = (self.v21(cross21_btjm.reshape(b, t, -1))
                   + self.v22((x2_btjm * s2_btj[..., None]).reshape(b, t, -1))
                   + jnp.einsum("btj,jd->btd", s2_btj, self.b2[...].astype(cd)))
         return jnp.concatenate([top, bottom], axis=-1)
@@ -65,14 +100,20 @@ class HorizontalExperts(nnx.Module):
         self.v = Dense(e * m, d, axes=("expert_mlp", "embed"), use_bias=False, **kw)
         self.b = param(jnp.zeros((e, d), param_dtype), ("experts", "embed"))
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj):
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
+        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
         g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
         x_btim = constrain(relu2(self.u(x_btd)).reshape(b, t, self.experts, self.dim), EXPERT_ACT)
         y_bthm = jnp.einsum("btim,bthi->bthm", x_btim, g1)
         z_btjm = constrain(jnp.einsum("bthm,bthj->btjm", y_bthm, g2), EXPERT_ACT)
-        return self.v(z_btjm.reshape(b, t, -1)) + jnp.einsum("btj,jd->btd", g2.sum(axis=2), self.b[...].astype(cd))
+        s2_btj = g2.sum(axis=2)
+        if deleted is not None:
+            d_ij = deleted.astype(cd)
+            z_btjm = z_btjm - deleted_to_j(x_btim, g1, g2, d_ij)
+            s2_btj = s2_btj - deleted_weights(g1, g2, d_ij)[1]
+        return self.v(z_btjm.reshape(b, t, -1)) + jnp.einsum("btj,jd->btd", s2_btj, self.b[...].astype(cd))
 
 
 class DenseMLP(nnx.Module):

@@ -13,7 +13,7 @@ from flax import nnx
 
 from monet_jax.config import MonetConfig
 from monet_jax.model.attention import Attention, attention_mask
-from monet_jax.model.experts import DenseMLP, make_experts
+from monet_jax.model.experts import DenseMLP, ExpertDeletion, make_experts
 from monet_jax.model.layers import Dense, Embed, RMSNorm, rope_tables
 from monet_jax.model.router import Router
 from monet_jax.sharding import constrain
@@ -37,6 +37,7 @@ class DecoderLayer(nnx.Module):
         if cfg.is_moe:
             self.moe = make_experts(cfg, **kw)
             self.router = Router(cfg, **kw) if cfg.has_router(layer) else None
+            self.deleted = nnx.data(None)  # an ExpertDeletion once an expert mask is applied (monet_jax.experts.mask)
         else:
             self.mlp = DenseMLP(cfg, **kw)
             self.router = None
@@ -57,7 +58,8 @@ class DecoderLayer(nnx.Module):
             return x_btd + self.mlp(h_btd), None
         if self.router is not None:
             probs = self.router(h_btd)
-        return x_btd + self.moe(h_btd, *probs), probs
+        deleted = None if self.deleted is None else self.deleted[...]
+        return x_btd + self.moe(h_btd, *probs, deleted=deleted), probs
 
 
 class MonetModel(nnx.Module):
@@ -204,7 +206,8 @@ class MonetForCausalLM(nnx.Module):
         return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
     def flat_state(self) -> dict[str, jax.Array]:
-        return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(self))}
+        state = nnx.state(self, nnx.Not(ExpertDeletion))  # a deletion mask is applied, never saved
+        return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, param_dtype: str | None = None,
