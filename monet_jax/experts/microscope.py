@@ -44,11 +44,18 @@ def composed_scores(g1_he: np.ndarray, g2_he: np.ndarray) -> TokenRouting:
     return TokenRouting(ids[order], scores[order])
 
 
-def token_routing(model, ids_t: np.ndarray) -> list[list[TokenRouting]]:
-    """``[token][group]`` routing of one token sequence (inference mode, BatchNorm running statistics)."""
+def token_routing(model, ids_t: np.ndarray, deleted: list[set[int]] | None = None) -> list[list[TokenRouting]]:
+    """``[token][group]`` routing of one token sequence (inference mode, BatchNorm running statistics);
+    ``deleted``: per group, expert ids left out of the lists (those an applied mask removed)."""
     if not model.config.is_moe:
         raise ValueError("the dense baseline has no experts to inspect")
     model.eval()
     probs = _router_probs(model, np.asarray(ids_t, np.int32)[None])
     groups = [(np.asarray(g1)[0], np.asarray(g2)[0]) for g1, g2 in probs]
-    return [[composed_scores(g1[t], g2[t]) for g1, g2 in groups] for t in range(len(ids_t))]
+    out = [[composed_scores(g1[t], g2[t]) for g1, g2 in groups] for t in range(len(ids_t))]
+    if deleted is not None:
+        for per_group in out:
+            for g, r in enumerate(per_group):
+                keep = ~np.isin(r.expert_ids, np.fromiter(deleted[g], np.int64, len(deleted[g])))
+                per_group[g] = TokenRouting(r.expert_ids[keep], r.scores[keep])
+    return out
