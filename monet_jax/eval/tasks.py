@@ -59,42 +59,59 @@ def few_shot_prefix(shots: list[Example]) -> str:
 
 @nnx.jit
 def _choice_logprobs(model, tokens_bt, score_mask_bt):
-    """Sum of log p(token t | tokens < t) over the positions marked in ``score_mask``."""
+    """Sum of log p(token t | tokens < t) over the positions marked in ``score_mask``, and whether every
+    marked token is the argmax there (lm-eval's ``is_greedy``)."""
     logits = model(tokens_bt[:, :-1]).logits
     logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, tokens_bt[:, 1:, None], axis=-1)[..., 0]
-    return jnp.sum(picked * score_mask_bt[:, 1:], axis=-1)
+    target = tokens_bt[:, 1:]
+    picked = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    scored = score_mask_bt[:, 1:]
+    greedy = jnp.all((jnp.argmax(logits, axis=-1) == target) | (scored == 0), axis=-1)
+    return jnp.sum(picked * scored, axis=-1), greedy
 
 
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 8,
-                   max_len: int | None = None, progress: bool = True) -> np.ndarray:
+                   max_len: int | None = None, progress: bool = True, return_greedy: bool = False):
     """``log p(continuation | context)`` for each ``(context, continuation)``; contexts are left-truncated
-    to fit ``max_len`` (the model's positions by default), padded on the right to a bucket length."""
-    max_len = max_len or model.config.max_position_embeddings
-    rows, masks = [], []
+    to fit ``max_len`` (the model's positions by default), padded on the right to a bucket length.
+    With ``return_greedy`` also whether greedy decoding would produce each continuation."""
+    pairs = []
     for context, continuation in requests:
-        ctx = [tokenizer.bos_id, *map(int, tokenizer.encode(context))]
         cont = [int(t) for t in tokenizer.encode(continuation)]
         if not cont:
             raise ValueError(f"empty continuation after tokenization: {continuation!r}")
-        ids = (ctx + cont)[-(max_len + 1):]
+        pairs.append(([tokenizer.bos_id, *map(int, tokenizer.encode(context))], cont))
+    return token_loglikelihoods(model, pairs, pad_id=tokenizer.pad_id, batch_size=batch_size, max_len=max_len,
+                                progress=progress, return_greedy=return_greedy)
+
+
+def token_loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], *, pad_id: int, batch_size: int = 8,
+                         max_len: int | None = None, progress: bool = True, return_greedy: bool = False):
+    """:func:`loglikelihoods` on already tokenized ``(context ids, continuation ids)`` (no bos added), for
+    callers that choose the token windows themselves (lm-eval's rolling log-likelihood)."""
+    max_len = max_len or model.config.max_position_embeddings
+    rows, masks = [], []
+    for ctx, cont in pairs:
+        ids = (list(ctx) + list(cont))[-(max_len + 1):]
         rows.append(ids)
         masks.append([0.0] * (len(ids) - len(cont)) + [1.0] * len(cont))
     order = np.argsort([-len(r) for r in rows], kind="stable")  # similar lengths share a batch
     out = np.zeros(len(rows), np.float64)
+    greedy = np.zeros(len(rows), bool)
     batches = range(0, len(rows), batch_size)
     for start in tqdm(batches, desc="tasks", unit="batch", disable=not progress):
         idx = order[start:start + batch_size]
         longest = max(len(rows[i]) for i in idx)
         width = max(min(1 << max(int(np.ceil(np.log2(longest))), 3), max_len + 1), longest)  # few shapes
-        tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+        tokens = np.full((batch_size, width), pad_id, np.int32)
         mask = np.zeros((batch_size, width), np.float32)
         for j, i in enumerate(idx):
             tokens[j, :len(rows[i])] = rows[i]
             mask[j, :len(masks[i])] = masks[i]
-        scores = np.asarray(_choice_logprobs(model, jnp.asarray(tokens), jnp.asarray(mask)))
-        out[idx] = scores[:len(idx)]
-    return out
+        scores, is_greedy = _choice_logprobs(model, jnp.asarray(tokens), jnp.asarray(mask))
+        out[idx] = np.asarray(scores)[:len(idx)]
+        greedy[idx] = np.asarray(is_greedy)[:len(idx)]
+    return (out, greedy) if return_greedy else out
 
 
 def evaluate(model, tokenizer, examples: list[Example], *, shots: int = 0, shot_pool: list[Example] | None = None,
