@@ -166,7 +166,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 DTYPES = ("float32", "bfloat16", "float16")
 Decompose = Literal["vertical", "horizontal", "none"]
 Remat = Literal["none", "layer", "group"]
-POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_groups")  # ours, never in config.json
+MoeImpl = Literal["xla", "pallas", "sparse", "auto"]
+# ours, never in config.json
+POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_groups", "moe_impl", "moe_sparse_k")
 
 # Fields Hugging Face writes into config.json that carry no meaning for this model.
 _HF_IGNORED = {
@@ -211,6 +213,8 @@ class MonetConfig:
     compute_dtype: str = "float32"
     remat: Remat = "none"       # recompute activations in the backward pass: per layer or per routing group
     scan_groups: bool = False   # lax.scan over routing groups: compile time independent of depth
+    moe_impl: MoeImpl = "xla"   # expert/router kernels: plain XLA einsums, Pallas, sparse gather, or chosen per call
+    moe_sparse_k: int = 0       # sparse path: experts gathered per token and head (0: min(E, 2 * moe_topk))
 
     def __post_init__(self):
         self.validate()
@@ -263,6 +267,8 @@ class MonetConfig:
              f"head_dim must be a positive even number for RoPE, got {self.head_size}")
         need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(self.moe_impl in typing.get_args(MoeImpl),
+             f"moe_impl must be one of {', '.join(typing.get_args(MoeImpl))}, got {self.moe_impl!r}")
         need(self.rope_scaling is None, "rope_scaling is not supported (must be null)")
         need(not self.attention_bias, "attention_bias=true is not supported (LLaMA attention has no biases)")
         need(not self.tie_word_embeddings, "tie_word_embeddings=true is not supported (lm_head is untied)")
@@ -273,6 +279,7 @@ class MonetConfig:
             need(self.hidden_act == "relu2", f"hidden_act must be relu2 for Monet experts, got {self.hidden_act!r}")
             for name in ("moe_dim", "moe_heads", "moe_experts", "moe_topk", "moe_groups"):
                 need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(self.moe_sparse_k >= 0, f"moe_sparse_k must be >= 0, got {self.moe_sparse_k}")
             need(self.moe_topk < self.moe_experts,
                  f"moe_topk ({self.moe_topk}) must be smaller than moe_experts ({self.moe_experts})")
             if self.moe_decompose == "vertical":

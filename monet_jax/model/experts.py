@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from monet_jax.config import MonetConfig
+from monet_jax.kernels import dispatch
+from monet_jax.kernels import ops as kernel_ops
 from monet_jax.model.layers import Dense, param, relu2
 from monet_jax.sharding import constrain
 
@@ -59,12 +61,16 @@ class VerticalExperts(nnx.Module):
         self.v22 = Dense(e * m, d // 2, **down, **kw)
         self.b1 = param(jnp.zeros((e, d // 2), param_dtype), ("experts", "embed"))
         self.b2 = param(jnp.zeros((e, d // 2), param_dtype), ("experts", "embed"))
+        self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
         Expert ``(i, j)`` outputs ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
+        if (impl := _impl(self, b * t, g1_bthi, deleted)) != "xla":
+            w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
+            return kernel_ops.vertical(impl, x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
         g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
         x1_btim = constrain(relu2(self.u1(x_btd)).reshape(b, t, self.experts, self.half_dim), EXPERT_ACT)
         x2_btjm = constrain(relu2(self.u2(x_btd)).reshape(b, t, self.experts, self.half_dim), EXPERT_ACT)
@@ -99,11 +105,15 @@ class HorizontalExperts(nnx.Module):
         self.u = Dense(d, e * m, axes=("embed", "expert_mlp"), use_bias=True, **kw)
         self.v = Dense(e * m, d, axes=("expert_mlp", "embed"), use_bias=False, **kw)
         self.b = param(jnp.zeros((e, d), param_dtype), ("experts", "embed"))
+        self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
+        if (impl := _impl(self, b * t, g1_bthi, deleted)) != "xla":
+            w = _weights(self, "u", "v", "b")
+            return kernel_ops.horizontal(impl, x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
         g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
         x_btim = constrain(relu2(self.u(x_btd)).reshape(b, t, self.experts, self.dim), EXPERT_ACT)
         y_bthm = jnp.einsum("btim,bthi->bthm", x_btim, g1)
@@ -132,6 +142,30 @@ class DenseMLP(nnx.Module):
         if self.gated:
             return self.down_proj(jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd))
         return self.down_proj(relu2(self.up_proj(x_btd)))
+
+
+def _impl(layer, tokens: int, g_bthe, deleted) -> str:
+    """The ``moe_impl`` of this call (``kernels.dispatch``); an expert deletion mask runs on XLA."""
+    if layer.moe_impl == "xla":
+        return "xla"
+    if deleted is not None:
+        dispatch.warn_once(f"moe_impl={layer.moe_impl}: expert deletion masks run on the XLA path")
+        return "xla"
+    return dispatch.choose(layer.moe_impl, tokens, g_bthe.shape[2], layer.experts, layer.sparse_k)
+
+
+def _weights(layer, *names) -> dict:
+    """A layer's weights as arrays for ``kernels.ops``: ``{name}`` kernels and ``{name}_bias`` biases."""
+    w = {}
+    for name in names:
+        v = getattr(layer, name)
+        if isinstance(v, Dense):
+            w[name] = v.kernel[...]
+            if v.bias is not None:
+                w[f"{name}_bias"] = v.bias[...]
+        else:
+            w[name] = v[...]
+    return w
 
 
 def make_experts(cfg: MonetConfig, **kw):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from monet_jax.config import MonetConfig
+from monet_jax.kernels import dispatch
+from monet_jax.kernels import ops as kernel_ops
 from monet_jax.model.layers import Dense
 from monet_jax.sharding import constrain
 
@@ -33,6 +35,12 @@ class HeadBatchNorm(nnx.Module):
         return mean_h, var_h
 
     def __call__(self, z_bthe):
+        mean_h, var_h = self.moments(z_bthe)
+        return (z_bthe - mean_h[:, None]) * jax.lax.rsqrt(var_h[:, None] + self.eps)
+
+    def moments(self, z_bthe):
+        """The (mean, variance) per head that normalize ``z``: running ones in inference; in training the
+        batch ones, updating the running statistics (the fused router kernel takes these)."""
         if self.use_running_average:
             mean_h, var_h = self.running_mean[...], self.running_var[...]
         else:
@@ -43,7 +51,7 @@ class HeadBatchNorm(nnx.Module):
             self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean_h)
             self.running_var[...] = (1 - m) * self.running_var[...] + m * jax.lax.stop_gradient(unbiased_h)
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        return (z_bthe - mean_h[:, None]) * jax.lax.rsqrt(var_h[:, None] + self.eps)
+        return mean_h, var_h
 
 
 def sparse_softmax(z_bthe, n_bthe, sigma: float):
@@ -62,14 +70,19 @@ class Router(nnx.Module):
         self.w2 = Dense(cfg.hidden_size, self.heads * self.experts, axes=("embed", "router"), **kw)
         self.norm1 = HeadBatchNorm(self.heads)
         self.norm2 = HeadBatchNorm(self.heads)
+        self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, cfg.moe_experts)
 
     def __call__(self, x_btd):
         """Returns ``(g1, g2)``, each ``[b, t, H, E]`` float32."""
         b, t, _ = x_btd.shape
+        fused = dispatch.choose(self.moe_impl, b * t, self.heads, self.experts, self.sparse_k) == "pallas"
         out = []
         for w, norm in ((self.w1, self.norm1), (self.w2, self.norm2)):
             z_bthe = w(x_btd, out_dtype=jnp.float32).astype(jnp.float32).reshape(b, t, self.heads, self.experts)
             z_bthe = constrain(z_bthe, ("batch", "seq", None, "experts"))
+            if fused:  # statistics here (global batch, running update), the per-token pass in the kernel
+                out.append(kernel_ops.router_probs(z_bthe, *norm.moments(z_bthe), self.sigma, norm.eps))
+                continue
             out.append(sparse_softmax(z_bthe, norm(z_bthe), self.sigma))
         return tuple(out)
 

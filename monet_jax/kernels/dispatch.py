@@ -1,0 +1,134 @@
+"""Which implementation runs a Monet layer, where a Pallas kernel lowers, and how it is partitioned.
+
+``moe_impl`` (config): ``xla`` (plain einsums, the default), ``pallas`` (fused router and mixing kernels),
+``sparse`` (gather only the active experts' weights: decoding, small batches) or ``auto``. A request
+that cannot be honoured falls back to ``xla`` with one logged warning per reason. Pallas runs on TPU
+(Mosaic) and GPU (Triton); on CPU only in interpret mode (``MONET_PALLAS_INTERPRET=1`` or
+:func:`force_interpret`), which is how the tests run the kernels through the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+
+import jax
+from jax.sharding import PartitionSpec
+
+from monet_jax import sharding
+
+log = logging.getLogger(__name__)
+INTERPRET_ENV = "MONET_PALLAS_INTERPRET"
+_interpret_override: bool | None = None
+_warned: set[str] = set()
+BLOCK_CAP = 256  # most tokens per kernel block (tests lower it to exercise several, partial blocks)
+
+
+def interpret_mode() -> bool:
+    if _interpret_override is not None:
+        return _interpret_override
+    return os.environ.get(INTERPRET_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def force_interpret(on: bool = True):
+    """Run (trace) the Pallas kernels in interpret mode inside this block, whatever the backend."""
+    global _interpret_override
+    old, _interpret_override = _interpret_override, on
+    try:
+        yield
+    finally:
+        _interpret_override = old
+
+
+def target_platform() -> str:
+    """The platform being compiled for: the active mesh's devices (an AOT compile for a TPU topology
+    runs on a CPU host), else the default backend."""
+    active = sharding._ACTIVE.get()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def pallas_available() -> bool:
+    return interpret_mode() or target_platform() in ("tpu", "gpu")
+
+
+def sparse_k(requested: int, topk: int, experts: int) -> int:
+    """Experts gathered per token and head by the sparse path (exact anyway: see ``kernels.sparse``)."""
+    return min(experts, requested or 2 * topk)
+
+
+def choose(requested: str, tokens: int, heads: int, experts: int, k: int) -> str:
+    """Resolve ``moe_impl`` for one call of ``tokens`` tokens to ``xla``, ``pallas`` or ``sparse``.
+
+    ``auto`` takes the sparse path when it reads fewer expert weights than the dense one
+    (``tokens * heads * k < experts`` rows of each weight), Pallas on TPU/GPU, XLA otherwise."""
+    if requested in ("xla", "sparse"):
+        return requested
+    if requested == "pallas":
+        if pallas_available():
+            return "pallas"
+        warn_once(f"moe_impl=pallas: no Pallas lowering on {target_platform()} outside interpret mode "
+                  f"(set {INTERPRET_ENV}=1 to interpret); using the XLA path")
+        return "xla"
+    if requested == "auto":
+        if tokens * heads * k < experts:
+            return "sparse"
+        return "pallas" if target_platform() in ("tpu", "gpu") or interpret_mode() else "xla"
+    raise ValueError(f"unknown moe_impl {requested!r}")
+
+
+def compiler_params(platform: str):
+    """Per-backend Pallas options; the TPU/GPU modules are imported only when used."""
+    if interpret_mode():
+        return None
+    if platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=("parallel",))
+    if platform == "gpu":
+        from jax.experimental.pallas import triton as plgpu
+
+        return plgpu.CompilerParams(num_warps=4, num_stages=1)
+    return None
+
+
+def partitioned(fn, batched: tuple[bool, ...], out_batched: tuple[bool, ...]):
+    """Run ``fn`` per shard of the batch axes under the active mesh (a Pallas custom call is opaque to
+    the partitioner: without ``shard_map`` XLA would gather it onto every device). Batched arguments
+    split their leading (batch) axis like ``batch`` activations; the others are replicated. Inside,
+    every expert axis is whole, so tensor-parallel expert shards are gathered first."""
+    active = sharding._ACTIVE.get()
+    if active is None:
+        return fn
+    mesh, rules = active
+
+    def run(*args):
+        specs = []
+        for a, b in zip(args, batched, strict=True):
+            spec = sharding.logical_to_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh, rules) if b else None
+            specs.append(spec if spec is not None else PartitionSpec())
+        batch_spec = next((s for s, b in zip(specs, batched, strict=True) if b), PartitionSpec())
+        if all(s == PartitionSpec() for s in specs):
+            return fn(*args)
+        outs = tuple(PartitionSpec(*batch_spec[:1]) if b else PartitionSpec() for b in out_batched)
+        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=outs if len(outs) > 1 else outs[0],
+                             check_vma=False)(*args)
+
+    return run
+
+
+def block_tokens(n: int, bytes_per_token: int, budget: int = 2 << 20, cap: int | None = None) -> int:
+    """Tokens per kernel block: a power of two (>= 8, Mosaic's sublane tile) whose working set fits
+    ``budget`` bytes, no larger than ``n`` rounded up to 8."""
+    fit = max(8, 2 ** int(math.log2(max(1, budget // max(1, bytes_per_token)))))
+    return max(8, min(cap or BLOCK_CAP, fit, -(-n // 8) * 8))

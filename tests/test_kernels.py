@@ -1,0 +1,347 @@
+"""Pallas kernels (interpret mode on CPU) and the sparse path against references written from the math."""
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from monet_jax import MonetForCausalLM, sharding
+from monet_jax.config import ConfigError, MonetConfig
+from monet_jax.kernels import dispatch, sparse
+from monet_jax.kernels.mixing import hd_mix, vd_mix
+from monet_jax.kernels.reference import (
+    aux_from_sums,
+    hd_layer_reference,
+    hd_mix_reference,
+    router_reference,
+    vd_layer_reference,
+    vd_mix_reference,
+)
+from monet_jax.kernels.router import fused_router
+from monet_jax.model.router import aux_losses
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+BF16_TOL = 2e-2  # bfloat16 outputs/gradients vs a float32 reference on the same inputs, relative to the max
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    """Every test runs the kernels in interpret mode, with 8-token blocks so 37 tokens make 5 blocks."""
+    monkeypatch.setattr(dispatch, "BLOCK_CAP", 8)
+    with dispatch.force_interpret():
+        yield
+
+
+def close(got, want, tol=1e-5):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol * max(1.0, float(np.abs(w).max())))
+
+
+def routing(key, n, h, e, sigma=1.0):
+    """Sparse routing probabilities (exact zeros) from random logits, as the router makes them."""
+    z = jax.random.normal(key, (n, h, e)) * 1.5
+    return router_reference(z, z.mean((0, 2)), z.var((0, 2)), sigma)[0]
+
+
+def cotangent(tree, seed=7):
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(tree))))
+    return jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), tree)
+
+
+def value_and_vjp(fn, args, ct):
+    """Outputs and ``jax.vjp`` cotangents of ``fn`` in one jitted call (interpret mode is slow eagerly)."""
+    @jax.jit
+    def go(args, ct):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(ct)
+
+    return go(args, ct)
+
+
+def check_vjp(fn, ref, args, tol=1e-5):
+    ct = cotangent(jax.eval_shape(ref, *args))
+    out, grads = value_and_vjp(fn, args, ct)
+    want, want_grads = value_and_vjp(ref, args, ct)
+    close(out, want, tol)
+    close(grads, want_grads, tol)
+
+
+# -- router -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(37, 3, 20), (5, 1, 7)])
+def test_router_outputs_aux_sums_and_gradients(shape):
+    z = jax.random.normal(jax.random.key(0), shape) * 2 + 0.3
+    mean, var = z.mean((0, 2)), z.var((0, 2))
+    check_vjp(lambda z: fused_router(z, mean, var, 1.2, 1e-5, True),
+              lambda z: router_reference(z, mean, var, 1.2, 1e-5), (z,))
+    g, col, amb = fused_router(z, mean, var, 1.2, 1e-5, True)
+    assert (np.asarray(g) == 0).any() and ((np.asarray(g) > 0).sum(-1) > 1).any()  # sparse, not one-hot
+    # The token sums give the model's aux losses (averaged over the two halves there).
+    unif, amb_loss = aux_from_sums(col, amb, shape[0])
+    want_unif, want_amb = aux_losses(g[None], g[None])
+    close((unif, amb_loss), (want_unif, want_amb))
+
+
+def test_router_gradient_reaches_only_the_logits():
+    """The reference with statistics computed from z has the same gradient as the kernel with them
+    fixed: the statistics only enter through the boolean mask."""
+    z = jax.random.normal(jax.random.key(1), (37, 3, 20))
+    mean, var = z.mean((0, 2)), z.var((0, 2))
+
+    def ref_with_stats(z):
+        return router_reference(z, z.mean((0, 2)), z.var((0, 2)), 1.2)
+
+    check_vjp(lambda z: fused_router(z, mean, var, 1.2, 1e-5, True), ref_with_stats, (z,))
+    _, vjp = jax.vjp(lambda m, v: fused_router(z, m, v, 1.2), mean, var)
+    assert all(not np.asarray(c).any() for c in vjp(jnp.ones(z.shape)))
+
+
+def test_router_tied_heads():
+    """Head 0: every expert has the same logit (zero router weights): all pass, g = 1/E, and the
+    ambiguity gradient splits over the tie. Head 1: two experts tie at the maximum."""
+    e = 12
+    z = jax.random.normal(jax.random.key(2), (21, 2, e))
+    z = z.at[:, 0].set(0.0).at[:, 1, 3].set(z[:, 1].max(-1) + 1).at[:, 1, 5].set(z[:, 1].max(-1) + 1)
+    mean, var = z.mean((0, 2)), z.var((0, 2))
+    mean, var = mean.at[0].set(0.0), var.at[0].set(0.0)  # what BatchNorm sees for a constant head
+    g, _, _ = fused_router(z, mean, var, 2.0, 1e-5, True)
+    np.testing.assert_array_equal(np.asarray(g[:, 0]), np.full((21, e), 1 / e, np.float32))
+    assert np.all(np.asarray(g[:, 1, 3]) == np.asarray(g[:, 1, 5]))
+    check_vjp(lambda z: fused_router(z, mean, var, 2.0, 1e-5, True),
+              lambda z: router_reference(z, mean, var, 2.0, 1e-5), (z,))
+
+
+# -- mixing -----------------------------------------------------------------------------------------
+MIX_SHAPES = [(37, 3, 12, 3), (3, 1, 5, 6)]  # n, H, E, m: n and E*m off the 8/128 tiles
+
+
+@pytest.mark.parametrize("shape", MIX_SHAPES)
+def test_hd_mixing_matches_reference(shape):
+    n, h, e, m = shape
+    k = jax.random.split(jax.random.key(3), 3)
+    args = (jax.random.normal(k[0], (n, e, m)), routing(k[1], n, h, e), routing(k[2], n, h, e))
+    check_vjp(hd_mix, hd_mix_reference, args)
+
+
+@pytest.mark.parametrize("shape", MIX_SHAPES)
+def test_vd_mixing_matches_reference(shape):
+    n, h, e, m = shape
+    k = jax.random.split(jax.random.key(4), 4)
+    args = (jax.random.normal(k[0], (n, e, m)), jax.random.normal(k[1], (n, e, m)),
+            routing(k[2], n, h, e), routing(k[3], n, h, e))
+    check_vjp(vd_mix, vd_mix_reference, args)
+
+
+@pytest.mark.parametrize("vd", [False, True])
+def test_mixing_bfloat16(vd):
+    """bfloat16 activations, float32 routing: within BF16_TOL of the float32 reference on the same inputs."""
+    n, h, e, m = 37, 2, 12, 4
+    k = jax.random.split(jax.random.key(5), 4)
+    ps = [jax.random.normal(k[i], (n, e, m)).astype(jnp.bfloat16) for i in range(1 + vd)]
+    gs = [routing(k[2], n, h, e), routing(k[3], n, h, e)]
+    fn, ref = (vd_mix, vd_mix_reference) if vd else (hd_mix, hd_mix_reference)
+    ct = jax.tree.map(lambda c: c.astype(jnp.bfloat16), cotangent(jax.eval_shape(fn, *ps, *gs)))
+    out, grads = value_and_vjp(fn, (*ps, *gs), ct)
+    assert all(o.dtype == jnp.bfloat16 for o in jax.tree.leaves(out))
+    ref32 = lambda *a: ref(*[x.astype(jnp.float32) for x in a])  # noqa: E731
+    want, want_grads = value_and_vjp(ref32, (*ps, *gs), jax.tree.map(lambda c: c.astype(jnp.float32), ct))
+    close(out, want, BF16_TOL)
+    close(grads, want_grads, BF16_TOL)
+
+
+# -- layers and the whole model -----------------------------------------------------------------------
+def _cfg(dec, **over):
+    return MonetConfig.from_hf_dict(tiny_config(moe_decompose=dec, **over))
+
+
+def _weights(layer):
+    from monet_jax.model.experts import _weights as w
+
+    names = ("u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2") if hasattr(layer, "u1") else ("u", "v", "b")
+    return w(layer, *names)
+
+
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+@pytest.mark.parametrize("impl", ["pallas", "sparse"])
+def test_layer_matches_reference_layer(dec, impl):
+    """The expert layer (through its ``moe_impl`` dispatch) equals the whole-layer reference, with nonzero biases."""
+    cfg = dataclasses.replace(_cfg(dec), moe_impl=impl, moe_sparse_k=16)
+    model = MonetForCausalLM(cfg, rngs=nnx.Rngs(1))
+    layer = model.model.layers[0].moe
+    for name in ("b1", "b2", "b") if dec == "vertical" else ("b",):
+        if hasattr(layer, name):
+            getattr(layer, name)[...] = jax.random.normal(jax.random.key(9), getattr(layer, name)[...].shape)
+    k = jax.random.split(jax.random.key(6), 3)
+    x = jax.random.normal(k[0], (2, 11, cfg.hidden_size))
+    g1, g2 = (routing(k[i], 22, cfg.moe_heads, cfg.moe_experts).reshape(2, 11, cfg.moe_heads, -1) for i in (1, 2))
+    layer_ref = vd_layer_reference if dec == "vertical" else hd_layer_reference
+    graphdef, params = nnx.split(layer)
+
+    def ref(x, params, g1, g2):
+        w = _weights(nnx.merge(graphdef, params))
+        return layer_ref(x.reshape(22, -1), w, g1.reshape(22, 2, -1), g2.reshape(22, 2, -1)).reshape(2, 11, -1)
+
+    check_vjp(lambda x, params, g1, g2: nnx.merge(graphdef, params)(x, g1, g2), ref, (x, params, g1, g2))
+
+
+def _loss_and_grads(model, ids):
+    def loss(model):
+        out = model(ids, output_router_probs=True)
+        ce = -jnp.mean(jax.nn.log_softmax(out.logits)[..., 0])
+        aux = sum(sum(aux_losses(g1, g2)) for g1, g2 in out.router_probs)
+        return ce + 0.1 * aux
+
+    return nnx.value_and_grad(loss)(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+def test_model_pallas_equals_xla_in_training(dec):
+    """Training mode, moe_groups=2 (layers reusing a router): loss, every parameter gradient and the
+    running BatchNorm statistics agree between moe_impl=pallas and xla."""
+    cfg = _cfg(dec, moe_groups=2, num_hidden_layers=3)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 13)).astype(np.int32)
+    results = []
+    for impl in ("xla", "pallas"):
+        model = MonetForCausalLM(dataclasses.replace(cfg, moe_impl=impl), rngs=nnx.Rngs(0))
+        for layer in model.model.layers:  # router logits large enough to route to several experts
+            if layer.router is not None:
+                for w in (layer.router.w1, layer.router.w2):
+                    w.kernel[...] = w.kernel[...] * 50
+        model.train()
+        loss, grads = _loss_and_grads(model, ids)
+        results.append((loss, grads, nnx.state(model, nnx.BatchStat)))
+    close(results[1][0], results[0][0])
+    close(results[1][1], results[0][1])
+    close(results[1][2], results[0][2])
+    grads = results[0][1]
+    assert np.abs(np.asarray(grads["model"]["layers"][0]["router"]["w1"]["kernel"][...])).max() > 0
+
+
+def test_model_pallas_under_a_mesh():
+    """Under a 2x2x2 CPU mesh the kernels run per batch shard (shard_map) and agree with XLA."""
+    cfg = _cfg("vertical")
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    ids = np.random.default_rng(1).integers(0, 96, (4, 9)).astype(np.int32)
+    outs = []
+    for impl in ("xla", "pallas"):
+        model = MonetForCausalLM(dataclasses.replace(cfg, moe_impl=impl), rngs=nnx.Rngs(0))
+        with sharding.activate(mesh):
+            outs.append(nnx.jit(lambda m, i: m(i).logits)(model, jax.device_put(ids, sharding.batch_sharding(mesh))))
+    close(outs[1], outs[0])
+
+
+# -- sparse path --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+def test_sparse_equals_dense_on_parity_checkpoints(reference_checkpoint, dec):
+    directory, _ = reference_checkpoint(moe_decompose=dec)
+    dense = MonetForCausalLM.from_pretrained(directory)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 11)).astype(np.int32)
+    out = dense(ids, output_router_probs=True)
+    counts = max(int((np.asarray(g) > 0).sum(-1).max()) for pair in out.router_probs for g in pair)
+    assert counts > 1
+    for k in (counts, dense.config.moe_experts, 1):  # the largest active count (host), all experts, and too few
+        fits = all(bool(sparse.active_fits(g1, g2, k)) for g1, g2 in out.router_probs)
+        assert fits == (k >= counts)  # k=1 takes the dense fallback, the others the sparse branch
+        model = MonetForCausalLM.from_pretrained(directory)
+        for layer in model.model.layers:
+            layer.moe.moe_impl, layer.moe.sparse_k = "sparse", k
+        close(model(ids).logits, out.logits)
+
+
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+def test_sparse_decoding_with_the_cache(reference_checkpoint, dec):
+    """Greedy decoding with the key/value cache: same tokens and logits with moe_impl=sparse."""
+    from monet_jax.eval.generate import generate
+
+    directory, _ = reference_checkpoint(moe_decompose=dec, seed=2)
+    runs = []
+    for impl in ("xla", "sparse"):
+        model = MonetForCausalLM.from_pretrained(directory)
+        model = MonetForCausalLM.from_flat(dataclasses.replace(model.config, moe_impl=impl, moe_sparse_k=8),
+                                           model.flat_state())
+        runs.append(generate(model, [[1, 5, 9, 3], [1, 7]], max_new_tokens=5, eos_id=None, return_logits=True))
+    assert runs[0]["tokens"] == runs[1]["tokens"]
+    close(runs[1]["logits"], runs[0]["logits"])
+
+
+# -- dispatch and config --------------------------------------------------------------------------------
+def test_dispatch_choices_and_logged_fallback(caplog):
+    with dispatch.force_interpret(False):
+        assert dispatch.choose("auto", 1, 8, 512, 16) == "sparse"      # decoding: 1 * 8 * 16 < 512 rows
+        assert dispatch.choose("auto", 4096, 8, 512, 16) == "xla"      # CPU, not interpreting
+        dispatch._warned.clear()
+        with caplog.at_level(logging.WARNING, logger="monet_jax.kernels.dispatch"):
+            assert dispatch.choose("pallas", 4096, 8, 512, 16) == "xla"
+            assert dispatch.choose("pallas", 4096, 8, 512, 16) == "xla"
+        assert len([r for r in caplog.records if "moe_impl=pallas" in r.message]) == 1  # logged once
+    assert dispatch.choose("pallas", 4096, 8, 512, 16) == "pallas"     # interpret mode (this fixture)
+    assert dispatch.choose("auto", 4096, 8, 512, 16) == "pallas"
+    assert dispatch.sparse_k(0, 8, 512) == 16 and dispatch.sparse_k(0, 3, 4) == 4 and dispatch.sparse_k(5, 3, 16) == 5
+
+
+def test_interpret_env_variable(monkeypatch):
+    with dispatch.force_interpret(None):
+        monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")
+        assert dispatch.interpret_mode()
+        monkeypatch.setenv(dispatch.INTERPRET_ENV, "0")
+        assert not dispatch.interpret_mode()
+
+
+def test_moe_impl_is_a_policy_field():
+    cfg = dataclasses.replace(_cfg("vertical"), moe_impl="sparse", moe_sparse_k=4)
+    hf = cfg.to_hf_dict()
+    assert "moe_impl" not in hf and "moe_sparse_k" not in hf
+    assert MonetConfig.from_hf_dict(hf).architecture() == cfg.architecture()
+    with pytest.raises(ConfigError, match="moe_impl"):
+        dataclasses.replace(cfg, moe_impl="triton")
+    with pytest.raises(ConfigError, match="moe_sparse_k"):
+        dataclasses.replace(cfg, moe_sparse_k=-1)
+
+
+# -- TPU ------------------------------------------------------------------------------------------------
+TPU_SCRIPT = r"""
+import dataclasses, os, sys
+os.environ.update(JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE="v4-16", TPU_WORKER_HOSTNAMES="localhost",
+                  TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from flax import nnx
+from monet_jax import MonetForCausalLM, sharding
+from monet_jax.config import MonetConfig
+
+cfg = dataclasses.replace(MonetConfig.from_yaml("configs/tiny-vd.yaml"), moe_decompose=sys.argv[1], moe_impl="pallas")
+topo = topologies.get_topology_desc(platform="tpu", topology_name="v4:2x2x2", chip_config_name="megacore")
+mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2), topo.devices)
+graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: MonetForCausalLM(cfg)), nnx.Param, ...)
+place = lambda tree: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                                  sharding.state_shardings(tree, mesh))
+ids = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=sharding.batch_sharding(mesh))
+loss = lambda p, r, i: nnx.merge(graphdef, p, r)(i).logits.mean()
+with sharding.activate(mesh):
+    text = jax.jit(jax.grad(loss)).lower(place(params), place(rest), ids).compile().as_text()
+print("mosaic calls:", text.count("tpu_custom_call"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+def test_pallas_kernels_aot_compile_for_tpu_v4(dec):
+    """Forward and backward of the tiny model with moe_impl=pallas compile for a v4:2x2x2 slice, the
+    kernels as Mosaic custom calls inside shard_map (router fwd/bwd and mixing fwd/bwd)."""
+    pytest.importorskip("libtpu", reason="libtpu not installed")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", dispatch.INTERPRET_ENV)}
+    proc = subprocess.run([sys.executable, "-c", TPU_SCRIPT, dec], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split("mosaic calls:")[1]) >= 4
