@@ -1,0 +1,30 @@
+"""Expert deletion on the embedded default: train the tiny Monet on English prose, Python source and
+arithmetic, delete each domain's experts (mean score >= 2x the second domain) and print per-domain losses.
+
+    python tools/deletion_demo.py [--out runs/demo] [--ratio 2] [key=value training overrides]
+"""
+
+import argparse
+import sys
+
+from monet_jax.config import ConfigError
+from monet_jax.experts.demo import run_demo
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--ratio", type=float, default=2.0, help="selection rule: mean score >= RATIO x second domain")
+    p.add_argument("--chars", type=int, default=100_000, help="characters of text per domain")
+    p.add_argument("overrides", nargs="*", help="training overrides, e.g. optim.steps=800")
+    args = p.parse_args(argv)
+    try:
+        run_demo(args.out, args.overrides, chars=args.chars, ratio=args.ratio)
+    except (ConfigError, ValueError) as e:
+        print(f"deletion_demo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
