@@ -188,3 +188,21 @@ def test_command_line(setup):
     want = [reference_choice_scores(model, tok, ex) for ex in EXAMPLES]
     acc = np.mean([int(np.argmax(s)) == ex["answer"] for s, ex in zip(want, EXAMPLES, strict=True)])
     assert cells[5] == "acc" and float(cells[7]) == pytest.approx(acc, abs=1e-4)
+
+
+def test_mask_model_arg_deletes_experts(setup):
+    """``mask=`` gives the log-likelihoods of the model with those experts deleted."""
+    from monet_jax.experts.mask import ExpertMask, apply_mask
+
+    root, _, tok = setup
+    ExpertMask(8, [np.arange(0, 64, 3)]).save(root / "mask.json")  # 2 layers, moe_groups 2: one group
+    masked_lm = MonetLM.create_from_arg_string(f"pretrained={root / 'ckpt'},mask={root / 'mask.json'}")
+    plain_lm = MonetLM.create_from_arg_string(f"pretrained={root / 'ckpt'}")
+    req = [Instance("loglikelihood", {}, ("The cat", " sat"), 0)]
+    masked, plain = masked_lm.loglikelihood(req)[0][0], plain_lm.loglikelihood(req)[0][0]
+    reference = apply_mask(MonetForCausalLM.from_pretrained(root / "ckpt"), ExpertMask.load(root / "mask.json"))
+    ctx = [tok.bos_id, *map(int, tok.encode("The cat"))]
+    cont = [int(t) for t in tok.encode(" sat")]
+    lp = logprobs(reference, (ctx + cont)[:-1])
+    np.testing.assert_allclose(masked, sum(lp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)), rtol=1e-5)
+    assert abs(masked - plain) > 1e-4
