@@ -21,6 +21,7 @@ table { border-collapse: collapse; font-size: 13px; width: 100%; }
 td, th { border-bottom: 1px solid #eee; padding: 4px 8px; text-align: left; vertical-align: top; }
 td.ctx { font-family: 'DejaVu Sans Mono', Menlo, Consolas, monospace; white-space: pre-wrap; }
 .hit { background: rgba(230, 80, 0, 0.85); color: #fff; border-radius: 2px; padding: 0 1px; }
+.ws { color: #999; }
 .legend span { display: inline-block; width: 36px; height: 12px; margin-right: 2px; }
 """
 
@@ -46,14 +47,20 @@ def render(title: str, tokens: list[str], scores: list[float], contexts: list[di
     if contexts is not None:
         parts.append("<h2>Top-activating contexts</h2><table><tr><th>#</th><th>score</th><th>context</th></tr>")
         for n, c in enumerate(contexts, 1):
-            ctx = (f"{html.escape(c['before'])}<span class='hit'>{html.escape(c['token'])}</span>"
-                   f"{html.escape(c['after'])}")
+            ctx = (f"{_oneline(c['before'])}<span class='hit'>{_oneline(c['token'])}</span>"
+                   f"{_oneline(c['after'])}")
             parts.append(f"<tr><td>{n}</td><td>{c['score']:.4f}</td><td class='ctx'>{ctx}</td></tr>")
         if not contexts:
             parts.append("<tr><td colspan='3'>the expert is not active on this corpus</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _oneline(text: str) -> str:
+    """Contexts stay on one row: newlines and tabs shown as symbols."""
+    escaped = html.escape(text)
+    return escaped.replace("\n", "<span class='ws'>\u21b5</span>").replace("\t", "<span class='ws'>\u21e5</span>")
 
 
 def find_chromium() -> str | None:
