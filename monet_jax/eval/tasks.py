@@ -4,6 +4,11 @@ One example per line::
 
     {"context": "Question: ...\\nAnswer:", "choices": [" Paris", " Rome"], "answer": 0}
 
+``context`` may also be a list with one context per choice (partial scoring, as for WinoGrande: each
+option fills the blank in its context and the rest of the sentence is the scored continuation).
+``tools/tasks_to_jsonl.py`` writes this format from the published rows of MMLU, ARC, WinoGrande, PIQA,
+SIQA, OpenBookQA, HellaSwag and CommonsenseQA (``monet_jax/eval/benchmarks.py``).
+
 Each choice is scored as ``sum log p(choice tokens | bos + shots + context)``. ``acc`` takes the
 highest sum; ``acc_norm`` divides it by the choice's length in UTF-8 bytes first (as lm-eval does), so
 long answers are not penalized for their length. Few-shot prompts prepend the first ``shots`` examples
@@ -25,9 +30,12 @@ from tqdm import tqdm
 
 @dataclass(frozen=True)
 class Example:
-    context: str
+    context: str | tuple[str, ...]  # one shared context, or one per choice
     choices: tuple[str, ...]
     answer: int
+
+    def context_for(self, choice: int) -> str:
+        return self.context if isinstance(self.context, str) else self.context[choice]
 
 
 def read_examples(path: str | Path) -> list[Example]:
@@ -40,13 +48,17 @@ def read_examples(path: str | Path) -> list[Example]:
             continue
         try:
             row = json.loads(line)
-            ex = Example(str(row["context"]), tuple(str(c) for c in row["choices"]), int(row["answer"]))
+            ctx = row["context"]
+            ctx = tuple(str(c) for c in ctx) if isinstance(ctx, list) else str(ctx)
+            ex = Example(ctx, tuple(str(c) for c in row["choices"]), int(row["answer"]))
         except json.JSONDecodeError:
             raise ValueError(f"{path}:{n}: not valid JSON") from None
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}:{n}: expected context (string), choices (list) and answer (index)") from None
         if len(ex.choices) < 2 or not 0 <= ex.answer < len(ex.choices):
             raise ValueError(f"{path}:{n}: needs two or more choices and an answer index among them")
+        if not isinstance(ex.context, str) and len(ex.context) != len(ex.choices):
+            raise ValueError(f"{path}:{n}: a list of contexts needs one context per choice")
         examples.append(ex)
     if not examples:
         raise ValueError(f"{path}: no examples")
@@ -54,7 +66,7 @@ def read_examples(path: str | Path) -> list[Example]:
 
 
 def few_shot_prefix(shots: list[Example]) -> str:
-    return "".join(ex.context + ex.choices[ex.answer] + "\n\n" for ex in shots)
+    return "".join(ex.context_for(ex.answer) + ex.choices[ex.answer] + "\n\n" for ex in shots)
 
 
 @nnx.jit
@@ -125,7 +137,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, shots: int = 0, shot_
             raise ValueError(f"{shots} shots requested but only {len(shots_for)} examples are available for them")
         prefix = few_shot_prefix(shots_for)
         for c, choice in enumerate(ex.choices):
-            requests.append((prefix + ex.context, choice))
+            requests.append((prefix + ex.context_for(c), choice))
             owners.append((k, c))
     scores = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, progress=progress)
     per_example: dict[int, list[tuple[int, float]]] = {}
