@@ -2,9 +2,10 @@
 
 ``moe_impl`` (config): ``xla`` (plain einsums, the default), ``pallas`` (fused router and mixing kernels),
 ``sparse`` (gather only the active experts' weights: decoding, small batches) or ``auto``. A request
-that cannot be honoured falls back to ``xla`` with one logged warning per reason. Pallas runs on TPU
-(Mosaic) and GPU (Triton); on CPU only in interpret mode (``MONET_PALLAS_INTERPRET=1`` or
-:func:`force_interpret`), which is how the tests run the kernels through the whole model.
+that cannot be honoured falls back to ``xla`` with one logged warning per reason. Pallas lowers for TPU
+(Mosaic; AOT-compiled in the tests) and GPU (Triton; written, never run here); on CPU only in interpret
+mode (``MONET_PALLAS_INTERPRET=1`` or :func:`force_interpret`), which is how the tests run the kernels
+through the whole model.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def choose(requested: str, tokens: int, heads: int, experts: int, k: int) -> str
     """Resolve ``moe_impl`` for one call of ``tokens`` tokens to ``xla``, ``pallas`` or ``sparse``.
 
     ``auto`` takes the sparse path when it reads fewer expert weights than the dense one
-    (``tokens * heads * k < experts`` rows of each weight), Pallas on TPU/GPU, XLA otherwise."""
+    (``tokens * heads * k < experts`` rows of each weight), else Pallas on TPU (its Mosaic lowering is
+    compile-checked), else XLA. The GPU (Triton) lowering is only taken on an explicit ``pallas``:
+    it has never run on a GPU here, and Triton wants power-of-two block dimensions."""
     if requested in ("xla", "sparse"):
         return requested
     if requested == "pallas":
@@ -83,7 +86,7 @@ def choose(requested: str, tokens: int, heads: int, experts: int, k: int) -> str
     if requested == "auto":
         if tokens * heads * k < experts:
             return "sparse"
-        return "pallas" if target_platform() in ("tpu", "gpu") or interpret_mode() else "xla"
+        return "pallas" if target_platform() == "tpu" or interpret_mode() else "xla"
     raise ValueError(f"unknown moe_impl {requested!r}")
 
 
