@@ -69,6 +69,9 @@ def measure(cfg: MonetConfig, args) -> dict:
     fwd_flops = 2 * M.forward_macs_per_token(cfg, args.seq) * tokens
     r = {"params": count_params(cfg)}
     for name, fn, mult in (("forward", fwd, 1), ("forward+backward", fwd_bwd, 3)):
+        if args.decode_only:
+            r[name] = None
+            continue
         model.train() if name != "forward" else model.eval()
         s = _timed(fn, (model, inputs), args.steps)
         r[name] = {"seconds": s, "tokens_per_second": tokens / s, "tflops": mult * fwd_flops / s / 1e12}
@@ -90,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--decode-prompt", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-only", action="store_true", help="only batch-1 decoding (large models on a CPU)")
     p.add_argument("--interpret", action="store_true", help="run Pallas in interpret mode (CPU; slow, for checks)")
     p.add_argument("overrides", nargs="*", help="dotted model overrides, e.g. model.compute_dtype=bfloat16")
     args = p.parse_args(argv)
@@ -106,7 +110,7 @@ def main(argv=None) -> int:
             r = measure(c, args)
             mem = f"{r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] else "n/a"
             cols = " | ".join(f"{k} {1e3 * r[k]['seconds']:8.1f} ms {r[k]['tokens_per_second']:>10,.0f} tok/s "
-                              f"{r[k]['tflops']:7.3f} TFLOP/s" for k in ("forward", "forward+backward"))
+                              f"{r[k]['tflops']:7.3f} TFLOP/s" for k in ("forward", "forward+backward") if r[k])
             dec = r["decode"]["tokens_per_second"]
             print(f"{name:>7} ({r['params'] / 1e6:.2f}M): {cols} | decode {dec:8.1f} tok/s | peak memory {mem}",
                   flush=True)
