@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--decode-prompt", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense twin")
     p.add_argument("--decode-only", action="store_true", help="only batch-1 decoding (large models on a CPU)")
     p.add_argument("--interpret", action="store_true", help="run Pallas in interpret mode (CPU; slow, for checks)")
     p.add_argument("overrides", nargs="*", help="dotted model overrides, e.g. model.compute_dtype=bfloat16")
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
           f"decode batch 1, prompt {args.decode_prompt}, {args.decode_tokens} tokens | {cfg.compute_dtype} | "
           f"{dev.device_kind} ({dev.platform})")
     runs = [(impl, dataclasses.replace(cfg, moe_impl=impl)) for impl in args.impls.split(",")]
-    runs.append(("dense", dense_twin(cfg)))
+    if not args.no_dense:
+        runs.append(("dense", dense_twin(cfg)))
     with dispatch.force_interpret(True if args.interpret else None):
         for name, c in runs:
             r = measure(c, args)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
             cols = " | ".join(f"{k} {1e3 * r[k]['seconds']:8.1f} ms {r[k]['tokens_per_second']:>10,.0f} tok/s "
                               f"{r[k]['tflops']:7.3f} TFLOP/s" for k in ("forward", "forward+backward") if r[k])
             dec = r["decode"]["tokens_per_second"]
-            print(f"{name:>7} ({r['params'] / 1e6:.2f}M): {cols} | decode {dec:8.1f} tok/s | peak memory {mem}",
+            print(f"{name:>7} ({r['params'] / 1e6:.2f}M): {cols} | decode {dec:8.2f} tok/s | peak memory {mem}",
                   flush=True)
     return 0
 
