@@ -290,6 +290,24 @@ def test_dispatch_choices_and_logged_fallback(caplog):
     assert dispatch.sparse_k(0, 8, 512) == 16 and dispatch.sparse_k(0, 3, 4) == 4 and dispatch.sparse_k(5, 3, 16) == 5
 
 
+def test_tpu_mixing_kernels_that_cannot_fit_vmem_fall_back(monkeypatch, caplog):
+    """On TPU the mixing kernels run only where their smallest block fits a core's 16 MiB of VMEM: the
+    tiny configs do, the published shapes (E=512, m/2=8, H=8) do not (the v4 compile of the 1.4B step
+    needs about 32 MiB for the VD backward), so those take the XLA path with a logged warning."""
+    monkeypatch.setattr(dispatch, "target_platform", lambda: "tpu")
+    assert 8 * dispatch.mixing_vmem_per_token(8, 512, 8, 14) > 2 * dispatch.TPU_VMEM
+    with dispatch.force_interpret(False):
+        assert dispatch.choose("auto", 4096, 2, 32, 8, mixing=(4, 14)) == "pallas"
+        assert dispatch.choose("auto", 4096, 8, 512, 16) == "pallas"  # the router kernel: no mixing check
+        dispatch._warned.clear()
+        with caplog.at_level(logging.WARNING, logger="monet_jax.kernels.dispatch"):
+            for impl in ("auto", "pallas"):
+                assert dispatch.choose(impl, 4096, 8, 512, 16, mixing=(8, 14)) == "xla"
+        assert sum("MiB of VMEM" in r.message for r in caplog.records) == 2
+    # interpret mode runs any shape
+    assert dispatch.choose("pallas", 4096, 8, 512, 16, mixing=(8, 14)) == "pallas"
+
+
 def test_interpret_env_variable(monkeypatch):
     with dispatch.force_interpret(None):
         monkeypatch.setenv(dispatch.INTERPRET_ENV, "1")

@@ -72,12 +72,12 @@ def _hd_bwd_kernel(p_ref, g1_ref, g2_ref, dz_ref, dp_ref, dg1_ref, dg2_ref):
     dp_ref[...] = (_spread(g1, dy) * 2.0 * r).astype(dp_ref.dtype)
 
 
+HD_ARRAYS, VD_ARRAYS = 6, 14  # the most [E, m] blocks one kernel holds (the backward passes)
+
+
 def _block(n, h, e, m, arrays: int):
-    """Tokens per block from the VMEM footprint with TPU tile padding (``m`` to 128 lanes, ``E`` to 8
-    sublanes; this layout pads small ``m`` heavily), ``arrays`` double-buffered ``[E, m]`` blocks."""
-    up = lambda a, b: -(-a // b) * b
-    per_token = 4 * (2 * arrays * up(e, 8) * up(m, 128) + 8 * up(h, 8) * up(max(e, m), 128))
-    return dispatch.block_tokens(n, per_token, budget=8 << 20)
+    """Tokens per block from the VMEM footprint (``dispatch.mixing_vmem_per_token``)."""
+    return dispatch.block_tokens(n, dispatch.mixing_vmem_per_token(h, e, m, arrays), budget=8 << 20)
 
 
 @jax.custom_vjp
@@ -98,7 +98,7 @@ def _hd_bwd(res, dz):
     p, g1, g2 = res
     n, e, m = p.shape
     h = g1.shape[1]
-    block = _block(n, h, e, m, 6)
+    block = _block(n, h, e, m, HD_ARRAYS)
     return tuple(token_call(_hd_bwd_kernel, (p, g1, g2, dz), (True,) * 4,
                             [((e, m), p.dtype, "tokens"), ((h, e), g1.dtype, "tokens"), ((h, e), g2.dtype, "tokens")],
                             block=block, name="monet_hd_mix_bwd"))
@@ -161,7 +161,7 @@ def _vd_bwd(res, cot):
     dtop, dbot = cot
     n, e, m = p1.shape
     h = g1.shape[1]
-    block = _block(n, h, e, m, 14)
+    block = _block(n, h, e, m, VD_ARRAYS)
     return tuple(token_call(
         _vd_bwd_kernel, (p1, p2, g1, g2, dtop, dbot), (True,) * 6,
         [((e, m), p1.dtype, "tokens"), ((e, m), p2.dtype, "tokens"), ((h, e), g1.dtype, "tokens"),

@@ -13,6 +13,7 @@ from flax import nnx
 from monet_jax.config import MonetConfig
 from monet_jax.kernels import dispatch
 from monet_jax.kernels import ops as kernel_ops
+from monet_jax.kernels.mixing import HD_ARRAYS, VD_ARRAYS
 from monet_jax.model.layers import Dense, param, relu2
 from monet_jax.sharding import constrain
 
@@ -151,7 +152,8 @@ def _impl(layer, tokens: int, g_bthe, deleted) -> str:
     if deleted is not None:
         dispatch.warn_once(f"moe_impl={layer.moe_impl}: expert deletion masks run on the XLA path")
         return "xla"
-    return dispatch.choose(layer.moe_impl, tokens, g_bthe.shape[2], layer.experts, layer.sparse_k)
+    mixing = (layer.half_dim, VD_ARRAYS) if isinstance(layer, VerticalExperts) else (layer.dim, HD_ARRAYS)
+    return dispatch.choose(layer.moe_impl, tokens, g_bthe.shape[2], layer.experts, layer.sparse_k, mixing)
 
 
 def _weights(layer, *names) -> dict:
