@@ -40,3 +40,11 @@ def test_per_core_devices_and_bad_topologies(tmp_path):
     assert r["devices"] == 8 and not r["megacore"] and r["hbm_per_device"] == 16 * 2**30
     proc, _ = aot(tmp_path, "--topology", "v9:2x2")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("aot_compile: error: ")
+
+
+def test_a_step_that_cannot_fit_is_a_one_line_answer(tmp_path):
+    proc, r = aot(tmp_path, "--topology", "v4:2x2x2", "data.batch_size=65536", "data.seq_len=512")
+    assert proc.returncode == 1 and r is None
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("aot_compile: does not fit on v4:2x2x2: RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+    assert "Traceback" not in proc.stderr

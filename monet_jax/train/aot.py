@@ -185,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         print(f"aot_compile: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # the TPU compiler refusing the program (HBM or VMEM) is an answer, not a crash
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        reason = next((line.strip() for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
+        print(f"aot_compile: does not fit on {args.topology}: {reason[:300]}", file=sys.stderr)
+        return 1
     print(_report(result))
     if args.json:
         with open(args.json, "w") as f:
