@@ -18,11 +18,10 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from common import peak_memory_gib, timed
 from flax import nnx
 
 from monet_jax.config import MonetConfig
@@ -59,16 +58,6 @@ def forward_flops_per_token(cfg: MonetConfig) -> float:
     return 2.0 * (2 * d * h * e + 2 * d * e * m + 2 * h * e * m)
 
 
-def timed(fn, args, steps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def measure(cfg: MonetConfig, batch: int, seq: int, steps: int) -> dict:
     layer = MoeLayer(cfg) if cfg.is_moe else DenseMLP(cfg, param_dtype=jnp.dtype(cfg.param_dtype),
                                                        compute_dtype=jnp.dtype(cfg.compute_dtype),
@@ -95,8 +84,7 @@ def measure(cfg: MonetConfig, batch: int, seq: int, steps: int) -> dict:
         out[name] = {"seconds": s, "tokens_per_second": tokens / s, "tflops": mult * flops / s / 1e12}
     if cfg.is_moe:  # the sparse path is exact only within k active experts per head, else it runs dense
         out["max_active"] = max(int((g > 0).sum(-1).max()) for g in nnx.jit(lambda m, x: m.router(x))(layer, x))
-    stats = jax.devices()[0].memory_stats() or {}
-    out["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
+    out["peak_memory_gib"] = peak_memory_gib()
     return out
 
 

@@ -16,11 +16,11 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import equal_size_dense, peak_memory_gib, timed
 from flax import nnx
 
 from monet_jax import MonetForCausalLM
@@ -28,24 +28,6 @@ from monet_jax.config import MonetConfig, count_params
 from monet_jax.eval.generate import generate
 from monet_jax.kernels import dispatch
 from monet_jax.train import metrics as M
-
-
-def dense_twin(cfg: MonetConfig) -> MonetConfig:
-    """Dense SwiGLU model with the same attention and depth and (about) the same parameter count."""
-    dense = dataclasses.replace(cfg, moe_decompose="none", hidden_act="silu", intermediate_size=1)
-    per_unit = 3 * cfg.hidden_size * cfg.num_hidden_layers
-    width = max(1, round((count_params(cfg) - count_params(dense) + per_unit) / per_unit))
-    return dataclasses.replace(dense, intermediate_size=width)
-
-
-def _timed(fn, args, steps):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def measure(cfg: MonetConfig, args) -> dict:
@@ -73,14 +55,13 @@ def measure(cfg: MonetConfig, args) -> dict:
             r[name] = None
             continue
         model.train() if name != "forward" else model.eval()
-        s = _timed(fn, (model, inputs), args.steps)
+        s = timed(fn, (model, inputs), args.steps)
         r[name] = {"seconds": s, "tokens_per_second": tokens / s, "tflops": mult * fwd_flops / s / 1e12}
     model.eval()
     prompt = ids[0, :args.decode_prompt].tolist()
     g = generate(model, [prompt], max_new_tokens=args.decode_tokens, eos_id=None)
     r["decode"] = {"tokens_per_second": g["decode_tokens_per_second"], "prefill_seconds": g["prefill_seconds"]}
-    stats = jax.devices()[0].memory_stats() or {}
-    r["peak_memory_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30 or None
+    r["peak_memory_gib"] = peak_memory_gib()
     return r
 
 
@@ -106,7 +87,7 @@ def main(argv=None) -> int:
           f"{dev.device_kind} ({dev.platform})")
     runs = [(impl, dataclasses.replace(cfg, moe_impl=impl)) for impl in args.impls.split(",")]
     if not args.no_dense:
-        runs.append(("dense", dense_twin(cfg)))
+        runs.append(("dense", equal_size_dense(cfg)))
     with dispatch.force_interpret(True if args.interpret else None):
         for name, c in runs:
             r = measure(c, args)

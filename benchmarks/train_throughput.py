@@ -19,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+from common import equal_size_dense
 
 from monet_jax import sharding
 from monet_jax.config import count_params
@@ -27,13 +28,8 @@ from monet_jax.train.config import TrainConfig
 from monet_jax.train.step import global_batch, init_state, make_train_step
 
 
-def equal_size_dense(cfg: TrainConfig) -> TrainConfig:
-    """Dense SwiGLU twin: same attention and depth, intermediate size matched on parameter count."""
-    m = cfg.model
-    dense = dataclasses.replace(m, moe_decompose="none", hidden_act="silu", intermediate_size=1)
-    per_unit = 3 * m.hidden_size * m.num_hidden_layers  # parameters per unit of intermediate size
-    width = max(1, round((count_params(m) - count_params(dense) + per_unit) / per_unit))
-    return dataclasses.replace(cfg, model=dataclasses.replace(dense, intermediate_size=width))
+def equal_size_dense_run(cfg: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(cfg, model=equal_size_dense(cfg.model))
 
 
 def measure(cfg: TrainConfig, steps: int, warmup: int) -> dict:
@@ -84,7 +80,7 @@ def main(argv=None) -> int:
     cfg = TrainConfig.load(args.config, args.overrides)
     runs = [cfg]
     if args.baseline == "auto":
-        runs.append(equal_size_dense(cfg))
+        runs.append(equal_size_dense_run(cfg))
     elif args.baseline != "none":
         runs.append(TrainConfig.load([*(args.config or [])[1:], args.baseline], args.overrides))
     results = []
