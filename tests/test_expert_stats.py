@@ -16,7 +16,7 @@ from monet_jax.eval.corpus import document_tokens, perplexity, rows
 from monet_jax.eval.main import main as eval_main
 from monet_jax.experts.mask import ExpertMask
 from monet_jax.experts.select import correlated_experts, domain_experts
-from monet_jax.experts.stats import corpus_stats
+from monet_jax.experts.stats import ExpertStats, corpus_stats
 from monet_jax.experts.viewer import find_chromium
 
 DOCS = ["Hello world, hello sun.", "def f(x):\n    return x * 2\n", "3 + 4 = 7; 12 - 5 = 7", "abc abc abc abc",
@@ -151,6 +151,10 @@ def test_experts_cli_end_to_end(model, tmp_path, capsys):
     assert len(report) == 4 and report[0]["contexts"] and "group 1:" in out
     c = report[0]["contexts"][0]
     assert c["score"] > 0 and c["token"] and report[0]["frequency"] > 0
+    saved = ExpertStats.load(tmp_path / "st" / "stats.npz")
+    assert saved.mass.shape == saved.frequency.shape == (2, 64) and saved.square is None
+    assert saved.tokens == sum(len(t) + 1 for t in ["def f(x):\n    return x", "import os\nos.sep"])
+    np.testing.assert_allclose(saved.mass.sum(-1), 2 * saved.tokens, rtol=1e-5)  # scores sum to H per token
 
     assert run("experts", "select-domain", ckpt, "--domain", f"code={code}", "--domain", f"prose={prose}",
                "--out", tmp_path / "masks") == 0

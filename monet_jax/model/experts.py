@@ -24,25 +24,17 @@ class ExpertDeletion(nnx.Variable):
     """A layer's ``[E, E]`` 0/1 matrix of deleted composed experts ``(i, j)``: never trained, never saved."""
 
 
-def deleted_weights(g1_bthi, g2_bthj, d_ij):
-    """Total routing weight of the deleted experts on each side: ``C1[i] = sum_h g1_hi sum_j D_ij g2_hj``
-    and ``C2[j] = sum_h g2_hj sum_i D_ij g1_hi``."""
-    c1_bti = jnp.einsum("bthi,bthi->bti", g1_bthi, jnp.einsum("ij,bthj->bthi", d_ij, g2_bthj))
-    c2_btj = jnp.einsum("bthj,bthj->btj", g2_bthj, jnp.einsum("ij,bthi->bthj", d_ij, g1_bthi))
-    return c1_bti, c2_btj
+def deleted_weight(ga_btha, gb_bthb, d_ab):
+    """``sum_h gb_hb sum_a D_ab ga_ha``: the routing weight of the deleted experts ``(a, b)`` per slot ``b``
+    (the other side with ``D.T`` and the roles of ``g1``, ``g2`` swapped)."""
+    return jnp.einsum("bthj,bthj->btj", gb_bthb, jnp.einsum("ij,bthi->bthj", d_ab, ga_btha))
 
 
-def deleted_to_j(x_btim, g1_bthi, g2_bthj, d_ij):
-    """``sum_h g2_hj sum_i D_ij g1_hi x_im``: the deleted experts' units ``x_i`` gathered at slot ``j``.
+def deleted_units(xa_btam, ga_btha, gb_bthb, d_ab):
+    """``sum_h gb_hb sum_a D_ab ga_ha x_am``: the deleted experts' units ``x_a`` gathered at slot ``b``.
     Goes through ``[b, t, H, E, m]`` (H times the expert activations), never a ``[.., E, E]`` per token."""
-    y_bthim = g1_bthi[..., None] * x_btim[:, :, None]
-    return jnp.einsum("bthj,bthjm->btjm", g2_bthj, jnp.einsum("ij,bthim->bthjm", d_ij, y_bthim))
-
-
-def deleted_to_i(x_btjm, g1_bthi, g2_bthj, d_ij):
-    """``sum_h g1_hi sum_j D_ij g2_hj x_jm``: the deleted experts' units ``x_j`` gathered at slot ``i``."""
-    y_bthjm = g2_bthj[..., None] * x_btjm[:, :, None]
-    return jnp.einsum("bthi,bthim->btim", g1_bthi, jnp.einsum("ij,bthjm->bthim", d_ij, y_bthjm))
+    y_bthim = ga_btha[..., None] * xa_btam[:, :, None]
+    return jnp.einsum("bthj,bthjm->btjm", gb_bthb, jnp.einsum("ij,bthim->bthjm", d_ab, y_bthim))
 
 
 class VerticalExperts(nnx.Module):
@@ -83,10 +75,10 @@ class VerticalExperts(nnx.Module):
         cross21_btjm = jnp.einsum("bthm,bthj->btjm", y1_bthm, g2)
         if deleted is not None:  # subtract the deleted experts' share of each flow
             d_ij = deleted.astype(cd)
-            c1_bti, c2_btj = deleted_weights(g1, g2, d_ij)
-            s1_bti, s2_btj = s1_bti - c1_bti, s2_btj - c2_btj
-            cross12_btim = cross12_btim - deleted_to_i(x2_btjm, g1, g2, d_ij)
-            cross21_btjm = cross21_btjm - deleted_to_j(x1_btim, g1, g2, d_ij)
+            s1_bti = s1_bti - deleted_weight(g2, g1, d_ij.T)
+            s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
+            cross12_btim = cross12_btim - deleted_units(x2_btjm, g2, g1, d_ij.T)
+            cross21_btjm = cross21_btjm - deleted_units(x1_btim, g1, g2, d_ij)
         top = (self.v11((x1_btim * s1_bti[..., None]).reshape(b, t, -1))
                + self.v12(cross12_btim.reshape(b, t, -1))
                + jnp.einsum("bti,id->btd", s1_bti, self.b1[...].astype(cd)))
@@ -122,8 +114,8 @@ class HorizontalExperts(nnx.Module):
         s2_btj = g2.sum(axis=2)
         if deleted is not None:
             d_ij = deleted.astype(cd)
-            z_btjm = z_btjm - deleted_to_j(x_btim, g1, g2, d_ij)
-            s2_btj = s2_btj - deleted_weights(g1, g2, d_ij)[1]
+            z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
+            s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
         return self.v(z_btjm.reshape(b, t, -1)) + jnp.einsum("btj,jd->btd", s2_btj, self.b[...].astype(cd))
 
 
