@@ -148,7 +148,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -335,9 +335,11 @@ class MonetConfig:
         if not path.is_file():
             raise ConfigError(f"config.json not found: {path}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON at line {e.lineno}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (not valid UTF-8)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         try:

@@ -145,3 +145,13 @@ def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
     axes = dict(rules)["batch"]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     return math.prod(mesh.shape[a] for a in axes)
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int, rules=DEFAULT_RULES) -> list[int]:
+    """The rows of a global batch that this process's devices hold under :func:`batch_sharding`: the rows it
+    reads from the data pipeline (several processes hold the same rows when a model axis spans them)."""
+    index = batch_sharding(mesh, 2, rules).addressable_devices_indices_map((batch_size, 1))
+    rows: set[int] = set()
+    for idx in index.values():
+        rows.update(range(*idx[0].indices(batch_size)))
+    return sorted(rows)

@@ -44,8 +44,20 @@ def write_text(path: Path, docs: list[str]) -> Path:
     return path
 
 
-def rows_of(batches) -> list[dict]:
-    return [{k: v[r] for k, v in b.items()} for b in batches for r in range(len(b["input_ids"]))]
+def stream_rows(batches, i: int) -> list[dict]:
+    """Row ``i`` of every batch: one row stream, each row continuing the one before."""
+    return [{k: v[i] for k, v in b.items()} for b in batches]
+
+
+def rows_of(batches, rows=None, total=None) -> list[dict]:
+    """Unpacked rows (one document each) in the global document order: the ``k``-th row of global row stream
+    ``r`` holds the document at position ``k * total + r`` (``total`` rows per global batch). Padding rows of
+    ended streams are left out."""
+    n = len(batches[0]["input_ids"]) if batches else 0
+    rows, total = list(rows or range(n)), total or n
+    found = [(k * total + r, row) for i, r in enumerate(rows) for k, row in enumerate(stream_rows(batches, i))
+             if row["segment_ids"].any()]
+    return [row for _, row in sorted(found, key=lambda x: x[0])]
 
 
 def check_row(row: dict) -> None:
@@ -65,30 +77,40 @@ def check_row(row: dict) -> None:
         np.testing.assert_array_equal(row["targets"][s:e - 1], row["input_ids"][s + 1:e])
 
 
-def documents_of(batches) -> list[tuple[list[int], list[float]]]:
-    """Rebuild ``(ids, loss mask over targets)`` of every document from the packed stream of rows."""
-    docs, ids, mask = [], None, None
-    for row in rows_of(batches):
-        check_row(row)
-        seg = row["segment_ids"]
-        for s in range(1, int(seg.max()) + 1):
-            where = seg == s
-            inp, tgt, m = row["input_ids"][where], row["targets"][where], row["loss_mask"][where]
-            if inp[0] == BOS and ids is None:
-                ids, mask = [BOS], []
-            assert ids is not None and inp[0] == ids[-1], "a continued piece starts with the previous target"
-            ids += tgt.tolist()
-            mask += m.tolist()
-            if tgt[-1] == EOS:
-                docs.append((ids, mask))
-                ids = mask = None
-    assert ids is None, "stream ended inside a document"
-    return docs
+def positioned_documents(batches, rows=None, total=None) -> list[tuple[int, list[int], list[float]]]:
+    """Rebuild ``(position, ids, loss mask over targets)`` of every document from the packed row streams, in
+    the global document order (see ``rows_of``)."""
+    n = len(batches[0]["input_ids"]) if batches else 0
+    rows, total = list(rows or range(n)), total or n
+    docs = []
+    for i, r in enumerate(rows):
+        ids, mask, k = None, None, 0
+        for row in stream_rows(batches, i):
+            check_row(row)
+            seg = row["segment_ids"]
+            for s in range(1, int(seg.max()) + 1):
+                where = seg == s
+                inp, tgt, m = row["input_ids"][where], row["targets"][where], row["loss_mask"][where]
+                if inp[0] == BOS and ids is None:
+                    ids, mask = [BOS], []
+                assert ids is not None and inp[0] == ids[-1], "a continued piece starts with the previous target"
+                ids += tgt.tolist()
+                mask += m.tolist()
+                if tgt[-1] == EOS:
+                    docs.append((k * total + r, ids, mask))
+                    ids = mask = None
+                    k += 1
+        assert ids is None, "stream ended inside a document"
+    return sorted(docs, key=lambda d: d[0])
 
 
-def decoded(batches) -> list[str]:
+def documents_of(batches, rows=None, total=None) -> list[tuple[list[int], list[float]]]:
+    return [(ids, mask) for _, ids, mask in positioned_documents(batches, rows, total)]
+
+
+def decoded(batches, rows=None, total=None) -> list[str]:
     out = []
-    for ids, _ in documents_of(batches):
+    for ids, _ in documents_of(batches, rows, total):
         assert ids[0] == BOS and ids[-1] == EOS
         out.append(bytes(i - 3 for i in ids[1:-1]).decode("utf-8"))
     return out
@@ -208,11 +230,12 @@ def test_packed_rows_decode_back_to_documents(corpus):
     rebuilt = documents_of(batches)
     assert [ids for ids, _ in rebuilt] == [byte_ids(d) for d in docs]
     assert all(all(m == 1 for m in mask) for _, mask in rebuilt)  # plain text: every real target counts
-    # concat-then-split: padding only after the last document, and only in the last batch
-    real = np.concatenate([b["segment_ids"] for b in batches]).reshape(-1) > 0
-    tokens = sum(len(byte_ids(d)) - 1 for d in docs)
-    assert real[:tokens].all() and not real[tokens:].any()
-    assert len(real) - tokens < 4 * 24
+    # concat-then-split per row stream: padding only after the stream's last document, in its last row
+    for i in range(4):
+        real = np.concatenate([row["segment_ids"] for row in stream_rows(batches, i)]) > 0
+        tokens = sum(len(byte_ids(d)) - 1 for d in docs[i::4])  # stream i packs documents i, i + 4, ...
+        assert real[:tokens].all() and not real[tokens:].any()
+        assert len(real) - tokens < 24 or not real[-24:].any()  # a stream that ended early pads whole rows
     # a document longer than a row is split and its continuation restarts at position 0
     assert any(len(byte_ids(d)) > 25 for d in docs)
 
@@ -280,21 +303,52 @@ def test_each_epoch_sees_every_document_once_across_two_processes(corpus):
     docs, path = corpus
     cfg = DataConfig(path=path, seq_len=16, batch_size=4, val_fraction=0.1)
     tok = load_tokenizer("byte")
-    seen = []
+    n_train = 36
+    epochs = [[], []]
     for p in range(2):
         batches = list(make_iterator(cfg, tok, split="train", seed=7, process_index=p, process_count=2,
                                      num_epochs=2))
         assert all(b["input_ids"].shape == (2, 16) for b in batches)  # batch_size // process_count rows
-        got = decoded(batches)
-        half = len(got) // 2
-        epoch1, epoch2 = got[:half], got[half:]
-        assert sorted(epoch1) == sorted(epoch2) and len(set(epoch1)) == half
-        assert epoch1 != epoch2  # reshuffled between epochs
-        seen.append(set(epoch1))
+        for pos, ids, _ in positioned_documents(batches, rows=[2 * p, 2 * p + 1], total=4):
+            epochs[pos // n_train].append((p, bytes(i - 3 for i in ids[1:-1]).decode()))
     val = set(decoded(list(make_iterator(cfg, tok, split="validation", seed=7))))
-    assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] | val == set(docs)
-    assert len(val) == 4 and not val & (seen[0] | seen[1])
+    assert len(val) == 4 and len(set(docs) - val) == n_train
+    for epoch in epochs:  # every training document once per epoch, read by exactly one of the processes
+        assert sorted(d for _, d in epoch) == sorted(set(docs) - val)
+    assert [d for _, d in epochs[0]] != [d for _, d in epochs[1]]  # reshuffled between epochs
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_global_batch_does_not_depend_on_the_process_count(corpus, packing):
+    """Each process reads its slice of the same global batch: 1, 2 or 4 processes, or any set of rows."""
+    _, path = corpus
+    cfg = DataConfig(path=path, seq_len=16, batch_size=4, val_fraction=0.1, packing=packing)
+    tok = load_tokenizer("byte")
+
+    def steps(n, **kw):
+        it = make_iterator(cfg, tok, split="train", seed=3, **kw)
+        return [next(it) for _ in range(n)]
+
+    whole = steps(25)  # several epochs of the 36 training documents
+    for count in (2, 4):
+        parts = [steps(25, process_index=p, process_count=count) for p in range(count)]
+        joined = [{k: np.concatenate([part[s][k] for part in parts]) for k in whole[s]} for s in range(25)]
+        _assert_same_batches(joined, whole)
+    odd = steps(25, rows=[3, 0])  # e.g. the rows that a process's devices hold under some mesh
+    _assert_same_batches(odd, [{k: v[[0, 3]] for k, v in b.items()} for b in whole])
+    for split in ("validation",):
+        full = list(make_iterator(cfg, tok, split=split, seed=3))
+        halves = [list(make_iterator(cfg, tok, split=split, seed=3, process_index=p, process_count=2))
+                  for p in range(2)]
+        longest = max(len(h) for h in halves)
+        assert len(full) == longest
+        for h in halves:  # a process whose rows ended first pads until the longest ends
+            h += [{k: np.zeros_like(v) for k, v in h[0].items()}] * (longest - len(h))
+        joined = [{k: np.concatenate([h[s][k] for h in halves]) for k in full[s]} for s in range(longest)]
+        for a, b in zip(joined, full):
+            real = b["segment_ids"] > 0
+            for k in a:
+                np.testing.assert_array_equal(a[k][real], b[k][real])
 
 
 def test_validation_split_is_disjoint_in_order_and_padded(corpus):
@@ -305,13 +359,14 @@ def test_validation_split_is_disjoint_in_order_and_padded(corpus):
     val = decoded(val_batches)
     train = decoded(one_pass(cfg, seed=3))
     assert len(val) == 10 and not set(val) & set(train) and sorted(val + train) == sorted(docs)
-    assert val == [d for d in docs if d in set(val)]  # source order, not shuffled
+    assert val == [d for d in docs if d in set(val)]  # source order (row streams interleaved), not shuffled
     assert decoded(list(make_iterator(cfg, tok, split="validation", seed=3))) == val
     assert set(decoded(list(make_iterator(cfg, tok, split="validation", seed=4)))) != set(val)
     # one pass, nothing dropped: every target of every held-out document counts once, the rest is padding
     tokens = sum(len(byte_ids(d)) - 1 for d in val)
     assert all(b["input_ids"].shape == (4, 32) for b in val_batches)
-    assert len(val_batches) == -(-tokens // (4 * 32))
+    longest = max(sum(len(byte_ids(d)) - 1 for d in val[i::4]) for i in range(4))  # row stream i: val[i::4]
+    assert len(val_batches) == -(-longest // 32)
     assert sum(b["loss_mask"].sum() for b in val_batches) == tokens
 
 
@@ -368,32 +423,57 @@ def test_state_restore_with_long_documents_and_two_processes(tmp_path):
         fresh.set_state(state)
         _assert_same_batches([next(fresh) for _ in range(4)], expected)
     other = make_iterator(cfg, tok, split="train", seed=0, process_index=0, process_count=2)
-    with pytest.raises(ValueError, match="process_index=1 .now 0."):
+    with pytest.raises(ValueError, match="no position for row 0 of 4"):
         other.set_state(state)
+    with pytest.raises(ValueError, match="seed=0 .now 1."):
+        make_iterator(cfg, tok, split="train", seed=1, process_index=1, process_count=2).set_state(state)
 
 
-def test_worker_processes_give_the_same_batches_and_state(corpus):
+def test_states_of_two_processes_restore_on_one_and_on_four(tmp_path):
+    """A checkpoint of a 2-process run resumes on any process count: the merged row-stream states continue
+    every row exactly where it was."""
+    from monet_jax.data.pipeline import merge_states
+
+    docs = make_docs(30, seed=4, max_words=60)
+    path = str(write_text(tmp_path / "c.txt", docs))
+    cfg = DataConfig(path=path, seq_len=8, batch_size=4, val_fraction=0.1)
+    tok = load_tokenizer("byte")
+    whole = make_iterator(cfg, tok, split="train", seed=5)
+    expected = [next(whole) for _ in range(9)][5:]
+    states = []
+    for p in range(2):
+        it = make_iterator(cfg, tok, split="train", seed=5, process_index=p, process_count=2)
+        for _ in range(5):
+            next(it)
+        states.append(json.loads(json.dumps(it.get_state())))
+    merged = merge_states(states)
+    one = make_iterator(cfg, tok, split="train", seed=5)
+    one.set_state(merged)
+    _assert_same_batches([next(one) for _ in range(4)], expected)
+    quarters = []
+    for p in range(4):
+        it = make_iterator(cfg, tok, split="train", seed=5, process_index=p, process_count=4)
+        it.set_state(merged)
+        quarters.append([next(it) for _ in range(4)])
+    joined = [{k: np.concatenate([q[s][k] for q in quarters]) for k in expected[s]} for s in range(4)]
+    _assert_same_batches(joined, expected)
+
+
+def test_tokenization_threads_do_not_change_batches_or_state(corpus):
     _, path = corpus
     tok = load_tokenizer("byte")
-    base = DataConfig(path=path, seq_len=16, batch_size=4, val_fraction=0)
+    base = DataConfig(path=path, seq_len=16, batch_size=4, val_fraction=0, worker_count=0)
     expected = [b for _, b in zip(range(6), make_iterator(base, tok, split="train", seed=0))]
-    workers = DataConfig(path=path, seq_len=16, batch_size=4, val_fraction=0, worker_count=2)
-    it = make_iterator(workers, tok, split="train", seed=0)
-    try:
-        got = [next(it) for _ in range(3)]
-        state = json.loads(json.dumps(it.get_state()))
-        got += [next(it) for _ in range(3)]
-    finally:
-        it.close()
+    threads = DataConfig(path=path, seq_len=16, batch_size=4, val_fraction=0, worker_count=3)
+    it = make_iterator(threads, tok, split="train", seed=0)
+    got = [next(it) for _ in range(3)]
+    state = json.loads(json.dumps(it.get_state()))
+    got += [next(it) for _ in range(3)]
+    it.close()
     _assert_same_batches(got, expected)
-    resumed = make_iterator(workers, tok, split="train", seed=0)
-    try:
-        resumed.set_state(state)
-        _assert_same_batches([next(resumed) for _ in range(3)], expected[3:])
-    finally:
-        resumed.close()
-    with pytest.raises(ValueError, match="worker_count=2 .now 0."):
-        make_iterator(base, tok, split="train", seed=0).set_state(state)
+    resumed = make_iterator(base, tok, split="train", seed=0)  # a state saved with threads restores without
+    resumed.set_state(state)
+    _assert_same_batches([next(resumed) for _ in range(3)], expected[3:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +545,9 @@ def test_errors_name_the_problem(tmp_path, corpus):
     def it(**kw):
         split = kw.pop("split", "train")
         pi, pc = kw.pop("process_index", 0), kw.pop("process_count", 1)
-        return make_iterator(DataConfig(**kw), tok, split=split, seed=0, process_index=pi, process_count=pc)
+        rows = kw.pop("rows", None)
+        return make_iterator(DataConfig(**kw), tok, split=split, seed=0, process_index=pi, process_count=pc,
+                             rows=rows)
 
     missing = tmp_path / "nope.txt"
     assert str(missing) in _error("data path not found", it, path=str(missing))
@@ -494,8 +576,9 @@ def test_errors_name_the_problem(tmp_path, corpus):
     _error("unknown format 'csv'", DataConfig, path=path, format="csv", exc=ConfigError)
     _error("prompt_key and data.response_key", DataConfig, prompt_key="q", exc=ConfigError)
     _error("unknown split", it, path=path, split="test")
-    _error("no validation documents for process 1 of 2", it, path=path, val_fraction=0.01, split="validation",
-           batch_size=2, process_index=1, process_count=2)
+    _error("no validation documents: the split has none of the 40", it, path=path, val_fraction=0,
+           split="validation")
+    _error("rows must be a non-empty subset of the 4 rows", it, path=path, batch_size=4, rows=[4])
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "mixed" / "b.parquet").write_bytes(b"")

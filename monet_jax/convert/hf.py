@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -21,6 +22,7 @@ import numpy as np
 from monet_jax.config import ConfigError, MonetConfig
 from monet_jax.convert.keys import IGNORED_HF_KEYS, KeySpec, key_table
 from monet_jax.convert.readers import SAFETENSORS_DTYPES, ConvertError, open_checkpoint
+from monet_jax.distributed import barrier
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
              "float16": np.dtype(np.float16)}
@@ -110,20 +112,36 @@ def hf_tensor(spec: KeySpec, array, torch_dtype: str) -> np.ndarray:
 
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Write into a temporary sibling and rename it into place only when everything succeeded."""
+    """Write into a temporary sibling and rename it into place only when everything succeeded.
+
+    With several processes (a sharded model saved by all of them) every process writes into the same
+    temporary directory, and process 0 renames it once all are done."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConvertError(f"{out}: output exists and is not empty (pass overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    multi, primary = jax.process_count() > 1, jax.process_index() == 0
+    if multi:
+        tmp = out.parent / f".{out.name}.tmp-multiprocess"
+        if primary:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier(f"monet_atomic_begin:{out}")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
+    barrier(f"monet_atomic_written:{out}")
+    if primary:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    barrier(f"monet_atomic_done:{out}")
 
 
 def parse_size(size: int | str) -> int:
@@ -218,7 +236,8 @@ def save_orbax(out: str | Path, cfg: MonetConfig, flat: dict[str, object], *, ov
     with atomic_directory(out, overwrite) as tmp:
         config = cfg.to_hf_dict() if cfg.is_moe or cfg.hidden_act == "silu" else _plain_config(cfg)
         config.update(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if jax.process_index() == 0:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _checkpointer().save((tmp / STATE_DIR).absolute(), args=ocp.args.PyTreeSave(flat))
     return Path(out)
 

@@ -192,8 +192,8 @@ def _first_line(e: Exception) -> str:
 
 def _read_index(path: Path) -> dict[str, str]:
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        weight_map = json.loads(path.read_bytes())["weight_map"]
+    except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
         raise ConvertError(f"{path}: not a valid index file (expected a JSON object with 'weight_map')") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ConvertError(f"{path}: 'weight_map' must map tensor names to file names")

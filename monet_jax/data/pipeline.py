@@ -1,19 +1,24 @@
-"""The training data pipeline on Grain: documents -> split -> process shard -> shuffle -> tokenize -> pack -> batch.
+"""The training data pipeline on Grain: documents -> split -> shuffle -> row streams -> tokenize -> pack -> batch.
+
+The global batch of step ``s`` is a function of (data, seed, step) alone, whatever the number of processes
+(Levanter's rule): the split's documents are shuffled once per epoch (``index_shuffle`` with seed + epoch) into
+one global order, and row ``r`` of every global batch of ``B`` rows is its own *row stream*, packed from the
+documents at positions ``r, r + B, r + 2B, ...`` of that order. A process reads only the row streams of the rows
+its devices hold (``rows=``), so it tokenizes only its own documents, and the iterator state is one small dict per
+row stream: a checkpoint restores onto any process count.
 
 Each document becomes ``bos + tokens + eos`` and is turned into (input, target, mask) triples *before* packing,
 so a target always comes from the same document as its input: no position ever predicts across a document
 boundary (the eos -> next-bos transition is simply never a training pair) and nothing needs masking there.
-Packing is Grain's ``ConcatThenSplitIterDataset``: rows are filled completely, a document that does not fit
-continues in the next row as a new segment whose positions restart at 0 (attention is segment-masked, so the
-continuation sees no left context). Only the end of a finite stream produces padding.
-
-Resuming is exact because the whole pipeline is index-based (shuffle is ``index_shuffle`` with seed + epoch) and
-its state is Grain's own iterator state, a small dict of counters.
+Packing is Grain's ``ConcatThenSplitIterDataset`` per row stream: rows are filled completely, a document that
+does not fit continues in the stream's next row as a new segment whose positions restart at 0 (attention is
+segment-masked, so the continuation sees no left context). Only the end of a finite stream produces padding.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -25,7 +30,7 @@ from monet_jax.data.sources import FORMATS, open_documents
 from monet_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 SPLITS = ("train", "validation")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +46,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation, chosen by the seed
     shuffle: bool = True
     packing: bool = True  # False: one document per row, truncated or padded
-    worker_count: int = 0  # grain tokenization worker processes (0 = in-process threads)
+    worker_count: int = 1  # tokenization threads per row stream (0: tokenize in the training loop's thread)
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -60,7 +65,7 @@ class DataConfig:
 
 
 class _Documents:
-    """The documents at ``indices`` of ``source``: one process's share of one split, as a Grain data source."""
+    """The documents at ``indices`` of ``source``: one split, as a Grain data source."""
 
     def __init__(self, source, indices: np.ndarray):
         self._source, self._indices = source, indices
@@ -121,21 +126,6 @@ class _Unpack:
         return _finish(row["x"], row["x_segment_ids"], row["x_positions"], self.pad_id)
 
 
-class _PadBatch:
-    """Fills the last batch of a finite stream with loss-free padding rows, so no document is dropped."""
-
-    def __init__(self, rows: int, pad_id: int):
-        self.rows, self.pad_id = rows, pad_id
-
-    def __call__(self, batch: dict) -> dict:
-        missing = self.rows - len(batch["input_ids"])
-        if missing <= 0:
-            return batch
-        fill = {"input_ids": self.pad_id, "targets": self.pad_id}
-        return {k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill.get(k, 0), v.dtype)])
-                for k, v in batch.items()}
-
-
 def _to_json(state: Any) -> Any:
     if isinstance(state, dict):
         return {str(k): _to_json(v) for k, v in state.items()}
@@ -157,26 +147,44 @@ def _from_json(state: Any) -> Any:
 
 
 class DataIterator:
-    """Batches for one process: dicts of numpy arrays ``[rows, seq_len]``, with a checkpointable position.
+    """Batches of the rows ``rows`` of the global batch: dicts of numpy arrays ``[len(rows), seq_len]``.
 
-    ``get_state()`` is JSON-serialisable; ``set_state`` on a freshly made iterator (same config, split, seed and
-    process layout) continues exactly where the saved one was.
+    Each row is read from its own row stream; a finite stream that has ended gives loss-free padding rows until
+    every stream of this iterator has ended. ``get_state()`` is JSON-serialisable, one entry per row stream;
+    ``set_state`` accepts any state holding this iterator's streams (for example the states of all processes
+    merged), so a run resumes with another number of processes.
     """
 
-    def __init__(self, dataset: grain.IterDataset, identity: dict[str, Any], num_documents: int):
-        self._iterator = iter(dataset)
+    def __init__(self, streams: dict[int, Any], identity: dict[str, Any], pad_id: int):
+        self._streams = streams
+        self._iterators = {r: iter(ds) for r, ds in streams.items()}
+        self._ended: set[int] = set()
         self._identity = identity
-        self.rows, self.seq_len = identity["rows"], identity["seq_len"]
-        self.num_documents = num_documents  # in this process's shard of the split
+        self._pad_id = pad_id
+        self.rows, self.seq_len = len(streams), identity["seq_len"]
 
     def __iter__(self) -> DataIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        out = []
+        for r, it in self._iterators.items():
+            row = None
+            if r not in self._ended:
+                row = next(it, None)
+                if row is None:
+                    self._ended.add(r)
+            out.append(row)
+        if all(row is None for row in out):
+            raise StopIteration
+        pad = next(row for row in out if row is not None)
+        filler = {k: np.full_like(v, self._pad_id if k in ("input_ids", "targets") else 0) for k, v in pad.items()}
+        return {k: np.stack([(row or filler)[k] for row in out]) for k in pad}
 
     def get_state(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, **self._identity, "grain": _to_json(self._iterator.get_state())}
+        return {"version": _STATE_VERSION, **self._identity,
+                "streams": {str(r): None if r in self._ended else _to_json(it.get_state())
+                            for r, it in self._iterators.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
@@ -185,12 +193,32 @@ class DataIterator:
         if saved != self._identity:
             diff = ", ".join(f"{k}={saved[k]!r} (now {v!r})" for k, v in self._identity.items() if saved[k] != v)
             raise ValueError(f"data iterator state belongs to a different pipeline: {diff}")
-        self._iterator.set_state(_from_json(state["grain"]))
+        streams = state.get("streams", {})
+        missing = [r for r in self._iterators if str(r) not in streams]
+        if missing:
+            raise ValueError(f"data iterator state has no position for row {missing[0]} of {self._identity['rows']}")
+        self._ended = set()
+        for r in self._iterators:
+            if streams[str(r)] is None:  # an ended finite stream
+                self._iterators[r] = iter(())
+                self._ended.add(r)
+            else:
+                self._iterators[r] = iter(self._streams[r])
+                self._iterators[r].set_state(_from_json(streams[str(r)]))
 
     def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
+        for it in self._iterators.values():
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One state holding the row streams of several iterators of the same pipeline (e.g. every process's)."""
+    merged = dict(states[0], streams={})
+    for st in states:
+        merged["streams"].update(st["streams"])
+    return merged
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -203,46 +231,46 @@ def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarra
     return {"validation": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
 
 
-def _enable_grain_workers() -> None:
-    """Grain's worker processes read absl flags, which a non-absl program never parses."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
+def process_rows(batch_size: int, process_index: int, process_count: int) -> range:
+    """The contiguous block of global rows of one process, when every process holds its own rows."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"bad process layout: process_index {process_index} of process_count {process_count}")
+    if batch_size % process_count:
+        raise ValueError(f"data.batch_size {batch_size} is not divisible by process_count {process_count}")
+    n = batch_size // process_count
+    return range(process_index * n, (process_index + 1) * n)
 
 
 def make_iterator(cfg: DataConfig, tokenizer: Tokenizer | str | None, *, split: str, seed: int,
-                  process_index: int = 0, process_count: int = 1, num_epochs: int | None = None) -> DataIterator:
-    """Batches of this process's share of ``split``.
+                  rows: Sequence[int] | None = None, process_index: int = 0, process_count: int = 1,
+                  num_epochs: int | None = None) -> DataIterator:
+    """Batches of the global rows ``rows`` (default: this process's block of ``process_rows``) of ``split``.
 
     ``train`` repeats forever (or ``num_epochs`` times), reshuffled every epoch with seed + epoch; ``validation``
-    is one pass in order. Documents are sharded across processes before shuffling, so processes never share a
-    document; a finite stream ends with a batch padded by rows whose loss_mask is 0. Pass the same ``seed`` to
-    both splits: it also chooses which documents are held out.
+    is one pass in source order, and ends with rows whose loss_mask is 0 once a row stream has no documents left.
+    Pass the same ``seed`` to both splits: it also chooses which documents are held out.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"bad process layout: process_index {process_index} of process_count {process_count}")
-    if cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size {cfg.batch_size} is not divisible by process_count {process_count}")
+    if rows is None:
+        rows = process_rows(cfg.batch_size, process_index, process_count)
+    rows = sorted(set(int(r) for r in rows))
+    if not rows or rows[0] < 0 or rows[-1] >= cfg.batch_size:
+        raise ValueError(f"rows must be a non-empty subset of the {cfg.batch_size} rows of data.batch_size")
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
     if tokenizer is None or isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer or cfg.tokenizer)
     where = cfg.path or "the embedded corpus"
-    rows = cfg.batch_size // process_count
 
     source = open_documents(cfg.path, cfg.format, cfg.text_key, cfg.prompt_key, cfg.response_key)
     indices = split_indices(len(source), cfg.val_fraction, seed)[split]
-    shard = indices[process_index::process_count]
-    if len(shard) == 0:
-        raise ValueError(f"no {split} documents for process {process_index} of {process_count}: the split has "
-                         f"{len(indices)} of the {len(source)} documents in {where}")
-    documents = _Documents(source, shard)
+    if len(indices) == 0:
+        raise ValueError(f"no {split} documents: the split has none of the {len(source)} documents in {where}")
+    documents = _Documents(source, indices)
     tokenize = _Tokenize(tokenizer, cfg.packing, cfg.seq_len)
     if split == "train":
-        _check_fills_a_batch(documents, tokenize, rows, cfg, where, process_index, process_count)
+        _check_fills_a_batch(documents, tokenize, cfg, where)
 
     ds = grain.MapDataset.source(documents)
     epochs = 1 if split == "validation" else num_epochs
@@ -250,26 +278,23 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer | str | None, *, split: 
         ds = ds.shuffle(seed=seed % 2**32)  # index_shuffle with seed + epoch once repeated
     if epochs != 1:
         ds = ds.repeat(epochs)
-    ds = ds.map(tokenize)  # None (a blank ArrayRecord record) is dropped by to_iter_dataset
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=128))
-    if cfg.worker_count:
-        # Workers only tokenize; packing stays here, so batches do not depend on the worker count.
-        _enable_grain_workers()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    if cfg.packing:
-        it = ConcatThenSplitIterDataset(it, length_struct={"x": cfg.seq_len}).map(_Unpack(tokenizer.pad_id))
-    it = it.batch(rows, drop_remainder=False).map(_PadBatch(rows, tokenizer.pad_id))
-    identity = {"split": split, "seed": seed, "process_index": process_index, "process_count": process_count,
-                "rows": rows, "seq_len": cfg.seq_len, "packing": cfg.packing, "documents": len(shard),
-                "worker_count": cfg.worker_count}  # worker states hold one position per worker
-    return DataIterator(it, identity, len(shard))
+    read = grain.ReadOptions(num_threads=cfg.worker_count, prefetch_buffer_size=8 if cfg.worker_count else 0)
+    streams = {}
+    for r in rows:
+        # None (a blank ArrayRecord record) is dropped by to_iter_dataset.
+        stream = ds[r::cfg.batch_size].map(tokenize).to_iter_dataset(read)
+        if cfg.packing:
+            stream = ConcatThenSplitIterDataset(stream, length_struct={"x": cfg.seq_len}).map(_Unpack(tokenizer.pad_id))
+        streams[r] = stream
+    identity = {"split": split, "seed": seed, "rows": cfg.batch_size, "seq_len": cfg.seq_len,
+                "packing": cfg.packing, "documents": len(indices), "shuffle": cfg.shuffle}
+    return DataIterator(streams, identity, tokenizer.pad_id)
 
 
-def _check_fills_a_batch(documents: _Documents, tokenize: _Tokenize, rows: int, cfg: DataConfig, where: str,
-                         process_index: int, process_count: int) -> None:
-    """Fail at start-up, not mid-run, when one epoch of this shard cannot fill one batch; stops reading as soon
-    as it can, so a large corpus costs one batch of tokenization."""
-    need = rows * cfg.seq_len if cfg.packing else rows
+def _check_fills_a_batch(documents: _Documents, tokenize: _Tokenize, cfg: DataConfig, where: str) -> None:
+    """Fail at start-up, not mid-run, when one epoch cannot fill one global batch; stops reading as soon as it
+    can, so a large corpus costs one batch of tokenization."""
+    need = cfg.batch_size * cfg.seq_len if cfg.packing else cfg.batch_size
     have = 0
     for i in range(len(documents)):
         doc = documents[i]
@@ -278,7 +303,6 @@ def _check_fills_a_batch(documents: _Documents, tokenize: _Tokenize, rows: int, 
         if have >= need:
             return
     unit = "tokens" if cfg.packing else "documents"
-    needed = f"{rows} rows x {cfg.seq_len} = {need} tokens" if cfg.packing else f"{rows} rows"
-    raise ValueError(f"dataset too short for one batch on process {process_index} of {process_count}: {have} {unit} "
-                     f"in {len(documents)} training documents of {where}, need {needed}")
-
+    needed = f"{cfg.batch_size} rows x {cfg.seq_len} = {need} tokens" if cfg.packing else f"{cfg.batch_size} rows"
+    raise ValueError(f"dataset too short for one batch: {have} {unit} in {len(documents)} training documents of "
+                     f"{where}, need {needed}")

@@ -87,7 +87,7 @@ class HFTokenizer:
             return {}
         try:
             cfg = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {cfg_path}: {_one_line(e)}") from None
         out = {}
         for key in ("bos_token", "eos_token", "pad_token"):

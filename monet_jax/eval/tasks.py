@@ -42,8 +42,12 @@ def read_examples(path: str | Path) -> list[Example]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"task file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"task file {path}: not UTF-8 text") from None
     examples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

@@ -65,7 +65,7 @@ class ExpertMask:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(f"expert mask {path}: no such file") from None
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
             raise ValueError(f"expert mask {path}: not readable JSON ({e})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"expert mask {path}: not a {FORMAT} file")

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from monet_jax.sharding import constrain
+
 
 def normal_init(std: float):
     return jax.nn.initializers.normal(stddev=std)
@@ -45,7 +47,11 @@ class Embed(nnx.Module):
         self.compute_dtype = compute_dtype
 
     def __call__(self, ids_bt):
-        return jnp.take(self.embedding[...], ids_bt, axis=0).astype(self.compute_dtype)
+        # Gather the table's embed (FSDP) shards first, as for any FSDP weight: looking rows up in a table whose
+        # columns are split would leave the batch-sharded activations (and their gradient) to be resharded
+        # column-wise, which XLA can only do by replicating them.
+        table = constrain(self.embedding[...], ("vocab", None))
+        return jnp.take(table, ids_bt, axis=0).astype(self.compute_dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -1,59 +1,89 @@
 """Training checkpoints with Orbax ``CheckpointManager``: the sharded train state, the data iterator's
-position (one file per process, Grain's handler) and a small JSON record, saved asynchronously.
+position and a small JSON record, saved asynchronously.
 
-Restoring targets the *current* mesh's shardings, so a checkpoint written on one mesh loads on another.
-A latest checkpoint that fails to restore (partly written, truncated, deleted files) is moved aside
-as ``<step>.corrupt`` with a warning, and the one before it is used.
+Restoring targets the *current* mesh's shardings and the current process count: the state is sharded by
+Orbax, and the data position is one entry per row stream of the global batch (each process writes the
+streams it reads; a restoring process takes its streams from all files), so a run saved by 2 processes
+resumes on 1 or 4. A checkpoint is moved aside as ``<step>.corrupt`` only when it cannot be read (partly
+written, truncated, deleted files); one that reads fine but belongs to another run or data pipeline is a
+one-line error that changes nothing on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from monet_jax import distributed
+from monet_jax.data.pipeline import merge_states
 from monet_jax.train.config import CheckpointConfig
 
 
 class RunMismatch(ValueError):
-    pass
+    """A readable checkpoint that this run cannot use (another model, data set or pipeline)."""
 
 
-class _JsonStateIterator:
-    """Presents any iterator with ``get_state() -> dict`` / ``set_state(dict)`` to Grain's handler
-    (which stores each process's position as ``process_<i>-of-<n>.json``)."""
+class DataStateHandler(ocp.CheckpointHandler):
+    """The data iterator's position: ``process_<i>.json`` per writing process, each holding the row streams
+    that process reads; restoring merges every file, so any process count finds its rows."""
 
-    def __init__(self, iterator):
-        self.iterator = iterator
+    def save(self, directory: epath.Path, args: DataSave) -> None:
+        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(args.iterator.get_state()))
 
-    def get_state(self) -> bytes:
-        return json.dumps(self.iterator.get_state()).encode()
+    def restore(self, directory: epath.Path, args: DataRestore) -> None:
+        files = sorted(directory.glob("*.json"))
+        if not files:
+            raise FileNotFoundError(f"{directory}: no data iterator state")
+        states = [json.loads(f.read_text()) for f in files]
+        try:
+            args.iterator.set_state(merge_states(states))
+        except ValueError as e:
+            raise RunMismatch(f"{directory}: {e}") from None
 
-    def set_state(self, state: bytes) -> None:
-        self.iterator.set_state(json.loads(state.decode()))
+    def metadata(self, directory: epath.Path) -> None:
+        return None
 
-    def start_prefetch(self) -> None:
+    def structure(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
         pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    iterator: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    iterator: Any
 
 
 class TrainCheckpoints:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig, identity: dict | None = None):
         """``identity`` (JSON-able) names the run; resuming a checkpoint of another run is an error."""
         self.identity = identity
-        import grain
-
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
                                                enable_async_checkpointing=cfg.async_save)
-        self._grain = grain
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
@@ -64,36 +94,48 @@ class TrainCheckpoints:
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-                                  data=self._grain.checkpoint.CheckpointSave(_JsonStateIterator(data_iterator)),
+                                  data=DataSave(data_iterator),
                                   meta=ocp.args.JsonSave(dict(meta, step=step, run=self.identity)))
         return self.manager.save(step, args=args, force=force)
 
     def restore_latest(self, abstract_state: nnx.State, data_iterator) -> tuple[int, nnx.State, dict] | None:
-        """Newest restorable checkpoint as ``(step, state, meta)``; ``data_iterator`` is repositioned."""
+        """Newest restorable checkpoint as ``(step, state, meta)``; ``data_iterator`` is repositioned.
+
+        Every process takes the same decision: a step counts as unreadable when any process failed to read it.
+        """
         for step in reversed(self.steps()):
+            error = None
             try:
-                saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                if self.identity is not None and saved.get("run") != json.loads(json.dumps(self.identity)):
-                    other = saved.get("run") or {}
-                    diff = sorted(k for k in self.identity if other.get(k) != json.loads(json.dumps(self.identity[k])))
-                    raise RunMismatch(f"{self.directory} holds checkpoints of a different run (differs in "
-                                      f"{', '.join(diff) or 'everything'}); use another out_dir or "
-                                      f"checkpoint.resume=false")
-                return step, *self.restore(step, abstract_state, data_iterator)
-            except RunMismatch:
-                raise
-            except Exception as e:  # noqa: BLE001 -- any failure to read a step means: use the previous one
-                reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                self._move_aside(step)
-                warnings.warn(f"checkpoint step {step} in {self.directory} could not be restored ({reason}); "
-                              f"moved to {step}.corrupt, trying the previous one", stacklevel=2)
+                self._check_run(step)
+                restored = self.restore(step, abstract_state, data_iterator)
+            except RunMismatch as e:
+                error = e
+            except Exception as e:  # noqa: BLE001 -- an unreadable step: use the previous one
+                error = e
+            if distributed.agree(isinstance(error, RunMismatch)):
+                raise error if isinstance(error, RunMismatch) else RunMismatch(
+                    f"{self.directory}: checkpoint step {step} belongs to another run on another process")
+            if not distributed.agree(error is not None):
+                return step, *restored
+            reason = _first_line(error) if error is not None else "another process could not read it"
+            self._move_aside(step)
+            warnings.warn(f"checkpoint step {step} in {self.directory} could not be restored ({reason}); "
+                          f"moved to {step}.corrupt, trying the previous one", stacklevel=2)
         return None
+
+    def _check_run(self, step: int) -> None:
+        saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if self.identity is not None and saved.get("run") != json.loads(json.dumps(self.identity)):
+            other = saved.get("run") or {}
+            diff = sorted(k for k in self.identity if other.get(k) != json.loads(json.dumps(self.identity[k])))
+            raise RunMismatch(f"{self.directory} holds checkpoints of a different run (differs in "
+                              f"{', '.join(diff) or 'everything'}); use another out_dir or checkpoint.resume=false")
 
     def restore(self, step: int, abstract_state: nnx.State, data_iterator) -> tuple[nnx.State, dict]:
         target = nnx.to_pure_dict(abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
-            data=self._grain.checkpoint.CheckpointRestore(_JsonStateIterator(data_iterator)),
+            data=DataRestore(data_iterator),
             meta=ocp.args.JsonRestore()))
         state = jax.tree.map(lambda x: x, abstract_state)  # a fresh State to fill in
         nnx.replace_by_pure_dict(state, restored["state"])
@@ -106,6 +148,7 @@ class TrainCheckpoints:
                 dst = self.directory / f"{step}.corrupt"
                 shutil.rmtree(dst, ignore_errors=True)
                 src.rename(dst)
+        distributed.barrier(f"monet_checkpoint_move_aside_{step}")
         self.manager.reload()
 
     def delete_all(self) -> None:
@@ -117,3 +160,8 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from monet_jax import distributed as dist
 from monet_jax import sharding
 from monet_jax.config import ConfigError, count_params
 from monet_jax.convert.readers import ConvertError
@@ -52,34 +53,24 @@ class _StopRequest:
         self.signal = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        return _across_processes(self.signal is not None, np.any)  # every host stops at the same step
+        return dist.agree(self.signal is not None, "any")  # every host stops at the same step
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _across_processes(flag: bool, reduce) -> bool:
-    """``reduce`` (np.any / np.all) of ``flag`` over all processes."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(reduce(multihost_utils.process_allgather(np.array(flag))))
-
-
-def _validate(eval_fn, state, cfg: TrainConfig, tokenizer, mesh) -> float:
-    it = make_iterator(cfg.data, tokenizer, split="validation", seed=cfg.seed,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+def _validate(eval_fn, state, cfg: TrainConfig, tokenizer, mesh, rows: list[int]) -> float:
+    it = make_iterator(cfg.data, tokenizer, split="validation", seed=cfg.seed, rows=rows)
     total = count = 0.0
     for _ in range(cfg.eval_batches):
         batch = next(it, None)
-        if _across_processes(batch is None, np.all):
+        if dist.agree(batch is None, "all"):
             break
-        if batch is None:  # this process's shard ran out first: contribute rows that count for nothing
+        if batch is None:  # this process's rows ended first: contribute rows that count for nothing
             batch = {k: np.zeros((it.rows, it.seq_len), np.float32 if k == "loss_mask" else np.int32)
                      for k in BATCH_KEYS}
-        s, n = eval_fn(state, global_batch(batch, mesh))
+        s, n = eval_fn(state, global_batch(batch, mesh, rows, cfg.data.batch_size))
         total, count = total + float(s), count + float(n)
     it.close()
     return total / max(count, 1.0)
@@ -89,7 +80,7 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
     """Train (resuming from ``out_dir/checkpoints`` when possible). ``stop_at`` behaves like a
     preemption signal arriving after that step (used to test resumption)."""
     if distributed:
-        jax.distributed.initialize()
+        dist.initialize()
     primary = jax.process_index() == 0
     out = Path(cfg.out_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -101,8 +92,8 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
     if cfg.data.batch_size % (dp * cfg.optim.grad_accum):
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} is not divisible by the data-parallel mesh size "
                           f"{dp} (mesh.data x mesh.fsdp) times optim.grad_accum {cfg.optim.grad_accum}")
-    train_it = make_iterator(cfg.data, tokenizer, split="train", seed=cfg.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    rows = sharding.process_batch_rows(mesh, cfg.data.batch_size)  # the rows this process's devices hold
+    train_it = make_iterator(cfg.data, tokenizer, split="train", seed=cfg.seed, rows=rows)
 
     ts = init_state(cfg, mesh)
     identity = {"model": cfg.model.architecture(), "seed": cfg.seed,
@@ -148,7 +139,7 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                disable=not primary, initial=start, total=cfg.optim.steps)
     with _StopRequest() as stop:
         for step in bar:
-            ts.state, m = train_step(ts.state, global_batch(next(train_it), mesh))
+            ts.state, m = train_step(ts.state, global_batch(next(train_it), mesh, rows, cfg.data.batch_size))
             window_steps += 1
             if not float(m["finite"]):
                 if cfg.nan_policy == "stop":
@@ -157,7 +148,8 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                     raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (nan_policy=stop); the state "
                                         f"before it is saved in {out / 'checkpoints'}")
                 skipped += 1
-                bar.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
+                if primary:
+                    bar.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
             if step % cfg.metrics.log_every == 0 or step in (start + 1, cfg.optim.steps):
                 now = time.perf_counter()
                 tok_s = window_steps * tokens_per_step / (now - t_window)
@@ -177,14 +169,15 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                     post["mfu"] = f"{100 * scalars['mfu']:.1f}%"
                 bar.set_postfix(post)
             if step % cfg.eval_every == 0 or step == cfg.optim.steps:
-                v = _validate(eval_step, ts.state, cfg, tokenizer, mesh)
+                v = _validate(eval_step, ts.state, cfg, tokenizer, mesh, rows)
                 history.append((step, v))
                 writer.write(step, {"val/ce": v})
-                bar.write(f"step {step}: train ce {last['ce']:.4f}  val ce {v:.4f}")
+                if primary:
+                    bar.write(f"step {step}: train ce {last['ce']:.4f}  val ce {v:.4f}")
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 ckpts.save(step, ts.state, train_it, {"train_ce": last["ce"] if last else None})
             if stop.requested() or step == stop_at:
-                stopped_by = stop.signal or "stop_at"
+                stopped_by = stop.signal or ("stop_at" if step == stop_at else "a signal to another process")
                 ckpts.save(step, ts.state, train_it, {"reason": stopped_by}, force=True)
                 break
     bar.close()
@@ -197,9 +190,9 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
     writer.close()
     train_it.close()
     if stopped_by is not None:
-        if primary:
-            print(f"stopped by {stopped_by} after step {final_step}; saved to {out / 'checkpoints'} "
-                  f"(run the same command to resume)")
+        who = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
+        print(f"{who}stopped by {stopped_by} after step {final_step}; saved to {out / 'checkpoints'} "
+              f"(run the same command to resume)", flush=True)
         return {"stopped_at": final_step}
 
     model, _ = ts.modules()
@@ -221,20 +214,47 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
     return summary
 
 
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    """``--distributed`` and the explicit launch flags, shared by ``monet-train`` and ``monet-eval``."""
+    g = p.add_argument_group("several processes (TPU pods, GPU clusters, several hosts)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run: TPU pods, SLURM and Open MPI are detected; otherwise the flags "
+                        "below or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (implies --distributed)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (implies --distributed)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (implies --distributed)")
+    g.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                   help="seconds to wait for the coordinator and the other processes (default 300)")
+    g.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                   help="seconds after which a silent process counts as dead and the run ends (default 100)")
+
+
+def launch(args: argparse.Namespace) -> None:
+    """Join the multi-process run that ``args`` asks for, if any."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed or any(v is not None for v in explicit):
+        dist.initialize(*explicit, timeout_s=args.init_timeout, heartbeat_s=args.heartbeat_timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="monet-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=None,
                    help="YAML config (repeatable: merged in order); default: the embedded tiny run")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host TPU pods and GPU clusters)")
+    add_launch_args(p)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.steps=100")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may come after the overrides
     try:
-        run(TrainConfig.load(args.config, args.overrides), distributed=args.distributed)
-    except (ConfigError, ConvertError, ValueError) as e:
+        cfg = TrainConfig.load(args.config, args.overrides)
+        launch(args)
+        run(cfg)
+    except (ConfigError, ConvertError, ValueError, dist.DistributedError) as e:
         print(f"monet-train: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        dist.abandon("monet-train", e)
     return 0
 
 

@@ -8,6 +8,7 @@ state, jitted with explicit in/out shardings and the state donated, so XLA updat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -182,18 +183,30 @@ def make_eval_step(ts: TrainState, rules=sharding.DEFAULT_RULES):
     return _under_mesh(jax.jit(evaluate, in_shardings=(ts.shardings, batch_sh)), ts.mesh, rules)
 
 
-def global_batch(batch: dict, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> dict:
-    """Assemble this process's rows into global arrays sharded over the data-parallel axes."""
+def global_batch(batch: dict, mesh: Mesh, rows: list[int] | None = None, total: int | None = None,
+                 rules=sharding.DEFAULT_RULES) -> dict:
+    """Global arrays of ``total`` rows, sharded over the data-parallel axes, from this process's rows.
+
+    ``rows`` are the global indices of ``batch``'s rows (:func:`sharding.process_batch_rows`); with ``None``,
+    ``batch`` is the whole global batch.
+    """
     dp = sharding.data_parallel_size(mesh, rules)
-    rows = next(iter(batch.values())).shape[0] * jax.process_count()
-    if rows % dp:
-        raise ValueError(f"global batch of {rows} rows is not divisible by the {dp}-way data-parallel mesh "
+    if rows is None:
+        total = next(iter(batch.values())).shape[0]
+    if total % dp:
+        raise ValueError(f"global batch of {total} rows is not divisible by the {dp}-way data-parallel mesh "
                          f"(data x fsdp)")
+    where = None if rows is None else {r: i for i, r in enumerate(rows)}
+
+    def local_rows(local, idx):
+        return local[[where[r] for r in range(*idx[0].indices(total))]]
+
     out = {}
     for k in BATCH_KEYS:
         sh = sharding.batch_sharding(mesh, batch[k].ndim, rules)
-        if jax.process_count() == 1:
+        if rows is None:
             out[k] = jax.device_put(batch[k], sh)
         else:
-            out[k] = jax.make_array_from_process_local_data(sh, batch[k])
+            out[k] = jax.make_array_from_callback((total, *batch[k].shape[1:]), sh,
+                                                  functools.partial(local_rows, batch[k]))
     return out

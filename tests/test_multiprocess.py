@@ -1,0 +1,176 @@
+"""Several processes on one machine, launched the way the README says (``--distributed`` + the JAX_* variables),
+talking over localhost with CPU collectives (gloo): training, resuming on other process counts, signals,
+a dead process, an unreachable coordinator."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monet_jax import MonetForCausalLM
+from monet_jax.train.config import TrainConfig
+from monet_jax.train.main import run
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 60
+TINY = ("model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+        "model.num_key_value_heads=2", "model.moe_experts=16", "model.moe_heads=2", "model.moe_dim=4",
+        "model.moe_topk=2", "model.moe_groups=2", "data.seq_len=32", "data.batch_size=8",
+        "optim.learning_rate=1e-2", "optim.warmup_steps=2", "eval_every=1000", "eval_batches=2",
+        "metrics.log_every=1", "checkpoint.async_save=false",
+        "mesh.data=2", "mesh.fsdp=4")  # FSDP across the processes: parameters and batch both sharded
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """``n`` processes of ``devices`` CPU devices each, every one running ``python train.py --distributed``."""
+
+    def __init__(self, n: int, devices: int, out: Path, *args: str, port: int | None = None):
+        self.out, self.logs, self.procs = out, [], []
+        port = port or _free_port()
+        for i in range(n):
+            env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                       JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i),
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+            log = out.parent / f"{out.name}.{n}x{devices}.p{i}.log"
+            self.logs.append(log)
+            with open(log, "w") as f:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, str(ROOT / "train.py"), "--distributed", *TINY, f"out_dir={out}", *args],
+                    cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        end = time.monotonic() + timeout
+        codes = []
+        for p in self.procs:
+            try:
+                codes.append(p.wait(max(end - time.monotonic(), 1)))
+            except subprocess.TimeoutExpired:
+                self.kill()
+                pytest.fail(f"processes still running after {timeout}s:\n{self.text(0)[-3000:]}")
+        return codes
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+
+    def text(self, i: int) -> str:
+        return self.logs[i].read_text(errors="replace")
+
+    def wait_for_step(self, step: int, timeout: float = 240) -> None:
+        """Until process 0's progress bar has passed ``step``."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            done = [int(m) for m in re.findall(r"\| *(\d+)/\d+ \[", self.text(0))]
+            if done and max(done) >= step:
+                return
+            if any(p.poll() is not None for p in self.procs):
+                pytest.fail(f"a process ended early:\n{self.text(0)[-3000:]}")
+            time.sleep(0.2)
+        self.kill()
+        pytest.fail(f"step {step} not reached in {timeout}s")
+
+
+def _weights(out: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in MonetForCausalLM.from_pretrained(out / "checkpoint").flat_state().items()}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def test_two_processes_stop_together_and_resume_on_one_two_or_four(tmp_path):
+    # The uninterrupted reference: one process of 8 devices, same mesh shape and config.
+    ref_dir = tmp_path / "ref"
+    summary = run(TrainConfig.load(None, [*TINY, f"optim.steps={STEPS}", f"out_dir={ref_dir}"]))
+    assert summary["steps"] == STEPS
+    reference = _weights(ref_dir)
+
+    # 2 processes x 4 devices; SIGTERM reaches process 1 only: all stop at the same step and save.
+    out = tmp_path / "run"
+    two = Launch(2, 4, out, f"optim.steps={STEPS}")
+    two.wait_for_step(2)
+    two.procs[1].send_signal(signal.SIGTERM)
+    assert two.wait() == [0, 0], two.text(0)[-3000:] + two.text(1)[-3000:]
+    stops = [re.search(rf"process {i}: stopped by {why} after step (\d+)", two.text(i))
+             for i, why in enumerate(("a signal to another process", "SIGTERM"))]
+    assert all(stops), two.text(1)[-2000:]
+    stopped = {int(m.group(1)) for m in stops}
+    assert len(stopped) == 1
+    k = stopped.pop()
+    assert 2 <= k < STEPS
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [str(k)]
+    assert not (out / "checkpoint").exists()
+    for i in range(2):  # the sharded step compiled without resharding by replication
+        assert "Involuntary full rematerialization" not in two.text(i)
+
+    # The same out_dir resumed by: the same command (2 x 4), one process of 8 devices, 4 processes x 2 devices.
+    copies = {name: tmp_path / name for name in ("again", "one", "four")}
+    for path in copies.values():
+        shutil.copytree(out, path)
+    again = Launch(2, 4, copies["again"], f"optim.steps={STEPS}")
+    assert again.wait() == [0, 0], again.text(0)[-3000:]
+    run(TrainConfig.load(None, [*TINY, f"optim.steps={STEPS}", f"out_dir={copies['one']}"]))
+    four = Launch(4, 2, copies["four"], f"optim.steps={STEPS}")
+    assert four.wait() == [0, 0, 0, 0], four.text(0)[-3000:]
+    for name, path in copies.items():
+        assert not list((path / "checkpoints").glob("*.corrupt")), name
+        assert f'"resumed_from": {k}' in (path / "summary.json").read_text(), name
+        assert _max_diff(_weights(path), reference) < 1e-5, name
+    assert not list(tmp_path.glob("*/.checkpoint.tmp*"))  # the final export renamed its directory into place
+
+
+def test_a_killed_process_ends_the_others_with_a_clear_error(tmp_path):
+    out = tmp_path / "run"
+    two = Launch(2, 4, out, "optim.steps=100000", "--heartbeat-timeout", "10")
+    two.wait_for_step(3)
+    t0 = time.monotonic()
+    two.procs[1].kill()
+    try:
+        code = two.procs[0].wait(90)
+    except subprocess.TimeoutExpired:
+        two.kill()
+        pytest.fail("process 0 still running 90 s after process 1 was killed")
+    assert code != 0 and time.monotonic() - t0 < 90
+    # Either a collective fails first (our one-line error) or JAX's coordination service notices the missing
+    # heartbeats first and ends the process with its own message.
+    text = two.text(0)
+    ours = [line for line in text.splitlines() if line.startswith("monet-train: error:")]
+    assert (ours and "another process has probably died" in ours[-1]) or (
+        "Terminating process because the JAX distributed service detected fatal errors" in text
+        and "another task died" in text), text[-3000:]
+
+
+def test_an_unreachable_coordinator_is_a_one_line_error_in_bounded_time(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(var, None)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--coordinator", f"localhost:{_free_port()}",
+                        "--num-processes", "2", "--process-id", "1", "--init-timeout", "3", *TINY,
+                        f"out_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.monotonic() - t0 < 60
+    err = [line for line in r.stderr.splitlines() if line.startswith("monet-train: error:")]
+    assert len(err) == 1 and "cannot join coordinator localhost:" in err[0] and "process 1 of 2" in err[0], r.stderr
+    # only some of the launch settings given: the missing ones are named
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--num-processes", "2", *TINY],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "missing: --coordinator / JAX_COORDINATOR_ADDRESS, --process-id / JAX_PROCESS_ID" in r.stderr
