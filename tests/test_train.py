@@ -354,6 +354,18 @@ def test_rerunning_a_finished_or_different_run(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds checkpoints of a different run .*model"):
         run(tiny("optim.steps=4", "model.hidden_size=64", f"out_dir={tmp_path}"))
     assert (tmp_path / "checkpoints" / "2").is_dir()  # a mismatch is not mistaken for corruption
+    # readable, but a train state of another structure (routers frozen: no optimizer state for them)
+    with pytest.raises(ValueError, match=r"checkpoint step 2 holds a train state of another structure \(.*"
+                                         r"opt_state.* is only saved\)"):
+        run(tiny("optim.steps=4", "freeze_routers=true", f"out_dir={tmp_path}"))
+    # readable, but a data position of another pipeline version
+    data = tmp_path / "checkpoints" / "2" / "data" / "process_0.json"
+    saved = data.read_text()
+    data.write_text(saved.replace('"version": 2', '"version": 1'))
+    with pytest.raises(ValueError, match="data iterator state has version 1, expected 2"):
+        run(tiny("optim.steps=4", f"out_dir={tmp_path}"))
+    data.write_text(saved)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # nothing moved or deleted
     summary = run(tiny("optim.steps=3", "model.hidden_size=64", "checkpoint.resume=false", f"out_dir={tmp_path}"))
     assert summary["resumed_from"] == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]

@@ -106,7 +106,7 @@ class TrainCheckpoints:
         for step in reversed(self.steps()):
             error = None
             try:
-                self._check_run(step)
+                self._check_run(step, abstract_state)
                 restored = self.restore(step, abstract_state, data_iterator)
             except RunMismatch as e:
                 error = e
@@ -123,13 +123,23 @@ class TrainCheckpoints:
                           f"moved to {step}.corrupt, trying the previous one", stacklevel=2)
         return None
 
-    def _check_run(self, step: int) -> None:
+    def _check_run(self, step: int, abstract_state: nnx.State) -> None:
+        """RunMismatch when step ``step`` is readable but not this run's: another model or data (the saved
+        identity), or a train state of another structure (e.g. routers frozen or not, another optimizer)."""
         saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         if self.identity is not None and saved.get("run") != json.loads(json.dumps(self.identity)):
             other = saved.get("run") or {}
             diff = sorted(k for k in self.identity if other.get(k) != json.loads(json.dumps(self.identity[k])))
             raise RunMismatch(f"{self.directory} holds checkpoints of a different run (differs in "
                               f"{', '.join(diff) or 'everything'}); use another out_dir or checkpoint.resume=false")
+        have = _shapes(self.manager.item_metadata(step)["state"])
+        want = _shapes(nnx.to_pure_dict(abstract_state))
+        if have != want:
+            key = sorted(set(have) ^ set(want)) or sorted(k for k in want if have[k] != want[k])
+            what = (f"{key[0]}: shape {have.get(key[0])} saved, {want.get(key[0])} here" if key[0] in have and
+                    key[0] in want else f"{key[0]} is only {'saved' if key[0] in have else 'here'}")
+            raise RunMismatch(f"{self.directory}: checkpoint step {step} holds a train state of another structure "
+                              f"({what}); use another out_dir or checkpoint.resume=false")
 
     def restore(self, step: int, abstract_state: nnx.State, data_iterator) -> tuple[nnx.State, dict]:
         target = nnx.to_pure_dict(abstract_state)
@@ -160,6 +170,12 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(getattr(v, "shape", ()))
+            for path, v in leaves}
 
 
 def _first_line(e: BaseException) -> str:
