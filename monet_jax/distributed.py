@@ -109,6 +109,30 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
+def add_launch_args(p) -> None:
+    """``--distributed`` and the explicit launch flags (an ``argparse`` parser), for every entry point."""
+    g = p.add_argument_group("several processes (TPU pods, GPU clusters, several hosts)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run: TPU pods, SLURM and Open MPI are detected; otherwise the flags "
+                        "below or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (implies --distributed)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (implies --distributed)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (implies --distributed)")
+    g.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                   help="seconds to wait for the coordinator and the other processes (default 300)")
+    g.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                   help="seconds after which a silent process counts as dead and the run ends (default 100)")
+
+
+def launch(args) -> bool:
+    """Join the multi-process run that parsed ``args`` (see :func:`add_launch_args`) ask for; True if joined."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not (args.distributed or any(v is not None for v in explicit)):
+        return False
+    initialize(*explicit, timeout_s=args.init_timeout, heartbeat_s=args.heartbeat_timeout)
+    return True
+
+
 def abandon(prog: str, error: BaseException) -> None:
     """End this process at once after a failure in a multi-process run (typically a collective that failed
     because another process died): one line on stderr and exit status 3, without waiting in JAX's shutdown

@@ -174,3 +174,44 @@ def test_an_unreachable_coordinator_is_a_one_line_error_in_bounded_time(tmp_path
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "missing: --coordinator / JAX_COORDINATOR_ADDRESS, --process-id / JAX_PROCESS_ID" in r.stderr
+
+
+def test_perplexity_and_tasks_split_over_two_processes_print_one_result(tmp_path):
+    from flax import nnx
+
+    from monet_jax.config import MonetConfig
+
+    cfg = MonetConfig(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=128, moe_dim=4, moe_heads=2, moe_experts=16,
+                      moe_topk=2, moe_groups=2, torch_dtype="float32")
+    MonetForCausalLM(cfg, rngs=nnx.Rngs(3)).save_checkpoint(tmp_path / "ck")
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(f'{{"text": "document {i}: {"abc " * (i % 7 + 1)}end"}}\n' for i in range(9)))
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(f'{{"context": "q{i}:", "choices": [" a{i}", " bb", " c"], "answer": {i % 3}}}\n'
+                            for i in range(7)))
+    commands = {"perplexity": ["perplexity", str(tmp_path / "ck"), "--data", str(corpus), "--seq-len", "16"],
+                "tasks": ["tasks", str(tmp_path / "ck"), str(task), "--shots", "2"]}
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    for name, command in commands.items():
+        alone = subprocess.run([sys.executable, str(ROOT / "eval.py"), *command], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert alone.returncode == 0, alone.stderr[-2000:]
+        port = _free_port()
+        procs = [subprocess.Popen([sys.executable, str(ROOT / "eval.py"), *command, "--distributed"], cwd=ROOT,
+                                  env=dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                                           JAX_PROCESS_ID=str(i)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+        def result(text):  # without timings and gloo's connection messages
+            return "\n".join(re.sub(r"\(\d+\.\ds\)", "", line).strip() for line in text.splitlines()
+                             if not line.startswith("[Gloo]"))
+
+        want = result(alone.stdout)
+        assert result(outs[0][0]) == want, (name, outs[0][0], want)
+        assert result(outs[1][0]) == ""  # one result, printed by process 0
+        if name == "perplexity":
+            assert re.search(r"tokens \d+", want)
+        else:
+            assert "(7 examples, 2-shot)" in want

@@ -9,6 +9,7 @@
     python eval.py experts select-domain runs/default/checkpoint --domain code=a.jsonl --domain prose=b.txt --out m/
     python eval.py experts select-correlated runs/default/checkpoint --data scored.jsonl --score-key tox --out m.json
     python eval.py perplexity runs/default/checkpoint --mask m/code.json     # any subcommand: --mask FILE
+    python eval.py perplexity CK --distributed     # on every host: each process scores its share, one result
 
 Text is tokenized with the byte-level tokenizer of the embedded default run unless --tokenizer says otherwise.
 """
@@ -16,11 +17,14 @@ Text is tokenized with the byte-level tokenizer of the embedded default run unle
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
+import jax
 import numpy as np
 
+from monet_jax import distributed as dist
 from monet_jax.config import ConfigError
 from monet_jax.convert.readers import ConvertError
 from monet_jax.eval import experts_cli
@@ -31,6 +35,7 @@ def _parents():
     common.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
     common.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
     common.add_argument("--mask", default=None, help="expert mask file: run with those composed experts deleted")
+    dist.add_launch_args(common)
     corpus = argparse.ArgumentParser(add_help=False)
     corpus.add_argument("--seq-len", type=int, default=128, help="tokens per window (one document per window)")
     corpus.add_argument("--batch-size", type=int, default=8)
@@ -66,24 +71,46 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     handler = {"perplexity": _perplexity, "tasks": _tasks, "generate": _generate}.get(args.command)
     try:
+        if dist.launch(args) and args.command not in ("perplexity", "tasks"):
+            raise ValueError("--distributed splits the work of perplexity and tasks; run the other commands in "
+                             "one process")
         model, tokenizer = _model_and_tokenizer(args)
         if handler is not None:
             return handler(args, model, tokenizer)
         return experts_cli.run(args, model, tokenizer)
-    except (ConfigError, ConvertError, ValueError, OSError) as e:
+    except (ConfigError, ConvertError, ValueError, OSError, dist.DistributedError) as e:
         print(f"monet-eval: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if jax.process_count() == 1:
+            raise
+        dist.abandon("monet-eval", e)
+
+
+def _share(items: list) -> list:
+    """This process's share of ``items`` (every n-th, from its index); all of them in a single process."""
+    return items[jax.process_index()::jax.process_count()]
 
 
 def _perplexity(args, model, tokenizer) -> int:
     from monet_jax.eval.corpus import perplexity
 
-    docs = experts_cli.read_corpus(args.data, args.format, args.text_key)
+    multi = jax.process_count() > 1
+    if multi and (args.max_tokens is not None or args.max_batches is not None):
+        raise ValueError("--max-tokens and --max-batches cut the corpus in order: not with --distributed")
+    docs = _share(experts_cli.read_corpus(args.data, args.format, args.text_key))
     start = time.perf_counter()
-    r = perplexity(model, tokenizer, docs, seq_len=args.seq_len, batch_size=args.batch_size,
-                   max_tokens=args.max_tokens, max_batches=args.max_batches)
-    print(f"loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  tokens {r['tokens']:,}  "
-          f"({time.perf_counter() - start:.1f}s)")
+    r = {"loss": 0.0, "tokens": 0}  # each document is scored on its own: the shares' sums add up
+    if docs:
+        r = perplexity(model, tokenizer, docs, seq_len=args.seq_len, batch_size=args.batch_size,
+                       max_tokens=args.max_tokens, max_batches=args.max_batches, progress=not multi)
+    nll, tokens = dist.sum_over_processes([r["loss"] * r["tokens"], r["tokens"]])
+    if tokens == 0:
+        raise ValueError("no tokens to evaluate")
+    if jax.process_index() == 0:
+        loss = nll / tokens
+        print(f"loss {loss:.4f}  ppl {math.exp(loss):.3f}  tokens {int(tokens):,}  "
+              f"({time.perf_counter() - start:.1f}s)")
     return 0
 
 
@@ -120,8 +147,16 @@ def _tasks(args, model, tokenizer) -> int:
     pool = tasks.read_examples(args.fewshot_file) if args.fewshot_file else None
     results = {}
     for path in args.files:
-        results[path] = tasks.evaluate(model, tokenizer, tasks.read_examples(path), shots=args.shots,
-                                       shot_pool=pool, batch_size=args.batch_size)
+        examples = tasks.read_examples(path)
+        share = _share(examples)  # shots still come from the whole file (or pool), as in one process
+        r = (tasks.evaluate(model, tokenizer, share, shots=args.shots, shot_pool=pool or examples,
+                            batch_size=args.batch_size, progress=jax.process_count() == 1)
+             if share else {"acc": 0.0, "acc_norm": 0.0, "examples": 0})
+        correct, correct_norm, n = dist.sum_over_processes(
+            [r["acc"] * r["examples"], r["acc_norm"] * r["examples"], r["examples"]])
+        results[path] = {"acc": correct / n, "acc_norm": correct_norm / n, "examples": int(n), "shots": args.shots}
+    if jax.process_index() != 0:
+        return 0
     for path, r in results.items():
         print(f"{path}: acc {r['acc']:.4f}  acc_norm {r['acc_norm']:.4f}  ({r['examples']} examples, "
               f"{r['shots']}-shot)")

@@ -214,39 +214,17 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
     return summary
 
 
-def add_launch_args(p: argparse.ArgumentParser) -> None:
-    """``--distributed`` and the explicit launch flags, shared by ``monet-train`` and ``monet-eval``."""
-    g = p.add_argument_group("several processes (TPU pods, GPU clusters, several hosts)")
-    g.add_argument("--distributed", action="store_true",
-                   help="join a multi-process run: TPU pods, SLURM and Open MPI are detected; otherwise the flags "
-                        "below or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (implies --distributed)")
-    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (implies --distributed)")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (implies --distributed)")
-    g.add_argument("--init-timeout", type=int, default=300, metavar="S",
-                   help="seconds to wait for the coordinator and the other processes (default 300)")
-    g.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
-                   help="seconds after which a silent process counts as dead and the run ends (default 100)")
-
-
-def launch(args: argparse.Namespace) -> None:
-    """Join the multi-process run that ``args`` asks for, if any."""
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if args.distributed or any(v is not None for v in explicit):
-        dist.initialize(*explicit, timeout_s=args.init_timeout, heartbeat_s=args.heartbeat_timeout)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="monet-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=None,
                    help="YAML config (repeatable: merged in order); default: the embedded tiny run")
-    add_launch_args(p)
+    dist.add_launch_args(p)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.steps=100")
     args = p.parse_intermixed_args(argv)  # flags may come after the overrides
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
-        launch(args)
+        dist.launch(args)
         run(cfg)
     except (ConfigError, ConvertError, ValueError, dist.DistributedError) as e:
         print(f"monet-train: error: {e}", file=sys.stderr)
