@@ -174,6 +174,19 @@ def test_missing_shard(tmp_path):
     _expect_error(src, tmp_path, "shard named in the index is missing")
 
 
+@pytest.mark.parametrize("layout", ["safetensors-sharded", "bin-sharded"])
+def test_index_or_config_that_is_not_utf8(tmp_path, layout):
+    src, _, _ = _valid(tmp_path, layout=layout)
+    index = next(src.glob("*.index.json"))
+    good = index.read_bytes()
+    index.write_bytes(b"\xff\xfe" + good)  # not UTF-8
+    _expect_error(src, tmp_path, f"{index.name}: not a valid index file")
+    index.write_bytes(good)
+    config = src / "config.json"
+    config.write_bytes(b'{"model_type": "\xe9"}')
+    _expect_error(src, tmp_path, r"config\.json: not a text file \(not valid UTF-8\)")
+
+
 def test_unsupported_model_type(tmp_path):
     src, _, config = _valid(tmp_path)
     (src / "config.json").write_text(json.dumps({**config, "model_type": "mixtral"}))

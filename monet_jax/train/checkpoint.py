@@ -37,7 +37,7 @@ class DataStateHandler(ocp.CheckpointHandler):
     that process reads; restoring merges every file, so any process count finds its rows."""
 
     def save(self, directory: epath.Path, args: DataSave) -> None:
-        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(args.iterator.get_state()))
+        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(args.state))
 
     def restore(self, directory: epath.Path, args: DataRestore) -> None:
         files = sorted(directory.glob("*.json"))
@@ -65,7 +65,7 @@ class DataStateHandler(ocp.CheckpointHandler):
 @ocp.args.register_with_handler(DataStateHandler, for_save=True)
 @dataclasses.dataclass
 class DataSave(ocp.args.CheckpointArgs):
-    iterator: Any
+    state: dict  # taken when the save is requested: an asynchronous write must not see later batches
 
 
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
@@ -94,7 +94,7 @@ class TrainCheckpoints:
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
-                                  data=DataSave(data_iterator),
+                                  data=DataSave(data_iterator.get_state()),
                                   meta=ocp.args.JsonSave(dict(meta, step=step, run=self.identity)))
         return self.manager.save(step, args=args, force=force)
 
