@@ -215,6 +215,10 @@ class DataIterator:
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """One state holding the row streams of several iterators of the same pipeline (e.g. every process's)."""
+    for st in states:
+        if not isinstance(st, dict) or st.get("version") != _STATE_VERSION or not isinstance(st.get("streams"), dict):
+            version = st.get("version") if isinstance(st, dict) else None
+            raise ValueError(f"data iterator state has version {version!r}, expected {_STATE_VERSION}")
     merged = dict(states[0], streams={})
     for st in states:
         merged["streams"].update(st["streams"])
