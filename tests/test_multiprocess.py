@@ -174,6 +174,10 @@ def test_an_unreachable_coordinator_is_a_one_line_error_in_bounded_time(tmp_path
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "missing: --coordinator / JAX_COORDINATOR_ADDRESS, --process-id / JAX_PROCESS_ID" in r.stderr
+    if not any(k.startswith(("SLURM_", "OMPI_", "TPU_")) for k in env):  # nothing to detect here
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--distributed", *TINY],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "no TPU pod, SLURM or Open MPI job detected" in r.stderr, r.stderr
 
 
 def test_perplexity_and_tasks_split_over_two_processes_print_one_result(tmp_path):
