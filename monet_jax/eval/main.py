@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("perplexity", parents=[common, corpus], help="loss and perplexity over a local corpus")
     ppl.add_argument("--data", default=None, help="text file, directory, glob, JSONL, Parquet or ArrayRecord "
-                                                  "(default: the embedded corpus)")
+                                                  "(default: the embedded corpus's held-out documents)")
     ppl.add_argument("--format", default="auto")
     ppl.add_argument("--text-key", default="text")
     ppl.add_argument("--max-batches", type=int, default=None)
@@ -78,13 +78,25 @@ def main(argv: list[str] | None = None) -> int:
 def _perplexity(args, model, tokenizer) -> int:
     from monet_jax.eval.corpus import perplexity
 
-    docs = experts_cli.read_corpus(args.data, args.format, args.text_key)
+    docs = experts_cli.read_corpus(args.data, args.format, args.text_key) if args.data else held_out_documents()
     start = time.perf_counter()
     r = perplexity(model, tokenizer, docs, seq_len=args.seq_len, batch_size=args.batch_size,
                    max_tokens=args.max_tokens, max_batches=args.max_batches)
     print(f"loss {r['loss']:.4f}  ppl {r['perplexity']:.3f}  tokens {r['tokens']:,}  "
           f"({time.perf_counter() - start:.1f}s)")
     return 0
+
+
+def held_out_documents() -> list:
+    """The embedded corpus's validation documents: those the default training run (its seed and
+    ``val_fraction``) held out, so its perplexity is never measured on training text."""
+    from monet_jax.data.pipeline import split_indices
+    from monet_jax.data.sources import open_documents
+    from monet_jax.train.config import TrainConfig
+
+    cfg = TrainConfig()
+    src = open_documents(None, "auto", "text")
+    return [src[int(i)] for i in split_indices(len(src), cfg.data.val_fraction, cfg.seed)["validation"]]
 
 
 def _model_and_tokenizer(args):
