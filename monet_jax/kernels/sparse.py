@@ -1,86 +1,66 @@
-"""Sparse experts for decoding and small batches: gather only the weights of active experts.
+"""Sparse experts for decoding and small batches: read only the weights of the experts in use.
 
-``g1``/``g2`` are exactly zero outside the experts that pass the router's threshold (about
-``moe_topk`` per head), so summing over each token's and head's ``k`` largest probabilities
-(``lax.top_k``) is the dense layer exactly, as long as no token/head has more than ``k`` active experts.
-That is checked at run time: if any has, the call takes the dense path instead (``lax.cond``), so the
-result is always exact. Each token reads ``2 * H * k`` expert slices of ``u`` and ``v`` (``d * m`` each)
-instead of all ``E``: a win while ``tokens * H * k < E`` (decoding).
+``g1``/``g2`` are exactly zero outside the experts that pass the router's threshold (about ``moe_topk``
+per head), so a call's result depends only on the experts that some token and head selects: the union,
+at most ``tokens * H * moe_topk`` of ``E`` per half (1/8 of them for one token at the published sizes).
+This path gathers those experts' rows of ``u`` (columns of its ``[d, E*m]`` kernel), of ``v`` and of the
+biases, once per call (not once per token and head), and runs the dense layer on them: the bytes read
+per decoding step are the selected experts' weights, not all ``E``.
+
+The union's size is known only on the device, so the gathered width is chosen at run time among a few
+compiled sizes (``E/8``, ``E/4``, ``E/2``; ``lax.switch``), and a union larger than all of them runs the
+dense layer: the result is always the dense layer's, whatever the routing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
-from monet_jax.kernels.reference import hd_layer_reference, relu2, vd_layer_reference
+# Which side's experts index each weight, and how: (side, axis holding E * chunk).
+HD_SIDES = {"u": (1, 1), "u_bias": (1, 0), "v": (2, 0), "b": (2, 0)}
+VD_SIDES = {"u1": (1, 1), "u1_bias": (1, 0), "u2": (2, 1), "u2_bias": (2, 0), "v11": (1, 0), "v12": (1, 0),
+            "v21": (2, 0), "v22": (2, 0), "b1": (1, 0), "b2": (2, 0)}
 
 
-def active_fits(g1_nhi, g2_nhj, k: int):
-    """True when every token and head has at most ``k`` experts with nonzero probability."""
-    count = jnp.maximum(jnp.sum(g1_nhi > 0, axis=-1).max(), jnp.sum(g2_nhj > 0, axis=-1).max())
-    return count <= k
+def widths(experts: int) -> tuple[int, ...]:
+    """The gathered widths tried, smallest first: 1/8, 1/4 and 1/2 of the experts."""
+    return tuple(sorted({max(1, experts // f) for f in (8, 4, 2)} - {experts}))
 
 
-def _select(g_nhe, k):
-    w_nhk, idx_nhk = jax.lax.top_k(g_nhe, k)
-    return w_nhk, idx_nhk
+def in_use(g_bthe):
+    """bool ``[E]``: experts with a nonzero probability for some token and head."""
+    return jnp.any(g_bthe > 0, axis=tuple(range(g_bthe.ndim - 1)))
 
 
-def _up(x_nd, w_de, bias_e, idx_nhk, e: int, cd):
-    """``relu2`` of the ``u`` slices of the selected experts: ``[n, H, k, m]``."""
-    d = w_de.shape[0]
-    u_nhkdm = jnp.moveaxis(w_de.reshape(d, e, -1)[:, idx_nhk], 0, 3).astype(cd)
-    b_nhkm = bias_e.reshape(e, -1)[idx_nhk].astype(cd)
-    return relu2(jnp.einsum("nd,nhkdm->nhkm", x_nd.astype(cd), u_nhkdm) + b_nhkm)
+def _take(a, idx_u, axis: int, experts: int):
+    """The slices of experts ``idx_u`` along ``axis`` of ``a`` (that axis holds ``E * chunk`` values)."""
+    shape = a.shape
+    split = a.reshape(*shape[:axis], experts, shape[axis] // experts, *shape[axis + 1:])
+    return jnp.take(split, idx_u, axis=axis).reshape(*shape[:axis], -1, *shape[axis + 1:])
 
 
-def _down(a_nh_m, w_ed, idx_nhk, e: int, cd, spec: str):
-    """Selected ``v`` slices applied to ``a`` (``spec``: ``nhm`` for a head mixture, ``nhkm`` per expert)."""
-    v_nhkmd = w_ed.reshape(e, -1, w_ed.shape[-1])[idx_nhk].astype(cd)
-    return jnp.einsum(f"{spec},nhkmd->nhkd", a_nh_m, v_nhkmd)
+def gathered(layer: Callable, x, w: dict, g1_bthi, g2_bthj, sides: dict[str, tuple[int, int]]):
+    """``layer(x, w, g1, g2)`` (the dense layer) computed on the experts in use only; ``sides`` says
+    which router half indexes each weight of ``w`` (``HD_SIDES``, ``VD_SIDES``)."""
+    e = g1_bthi.shape[-1]
+    use = (in_use(g1_bthi), in_use(g2_bthj))
+    need = jnp.maximum(use[0].sum(), use[1].sum())
 
+    def narrow(width: int):
+        def run(x, w, g1, g2):
+            idx, keep = [], []
+            for u in use:
+                idx.append(jnp.nonzero(u, size=width, fill_value=0)[0])
+                keep.append(jnp.arange(width) < u.sum())  # slots past the union repeat expert 0: weight them 0
+            sub = {k: _take(a, idx[sides[k][0] - 1], sides[k][1], e) for k, a in w.items()}
+            g1, g2 = (jnp.where(k_, jnp.take(g, i, axis=-1), 0) for g, i, k_ in zip((g1, g2), idx, keep, strict=True))
+            return layer(x, sub, g1, g2)
+        return run
 
-def hd_sparse(x_nd, w, g1_nhi, g2_nhj, *, k: int, compute_dtype):
-    """The HD layer summed over each token's top-``k`` experts per head; ``w`` as ``reference.hd_layer_reference``."""
-    e, cd = w["b"].shape[0], compute_dtype
-    g1, g2 = g1_nhi.astype(cd), g2_nhj.astype(cd)
-
-    def sparse(x_nd, w, g1, g2):
-        w1, i1 = _select(g1, k)
-        w2, i2 = _select(g2, k)
-        y_nhm = jnp.einsum("nhk,nhkm->nhm", w1, _up(x_nd, w["u"], w["u_bias"], i1, e, cd))
-        out_nhkd = _down(y_nhm, w["v"], i2, e, cd, "nhm") + w["b"][i2].astype(cd)
-        return jnp.einsum("nhk,nhkd->nd", w2, out_nhkd)
-
-    def dense(x_nd, w, g1, g2):
-        return hd_layer_reference(x_nd.astype(cd), jax.tree.map(lambda a: a.astype(cd), w), g1, g2)
-
-    return jax.lax.cond(active_fits(g1_nhi, g2_nhj, k), sparse, dense, x_nd, w, g1, g2)
-
-
-def vd_sparse(x_nd, w, g1_nhi, g2_nhj, *, k: int, compute_dtype):
-    """The VD layer summed over each token's top-``k`` experts per head; ``w`` as ``reference.vd_layer_reference``.
-
-    Expert ``(i, j)`` adds ``g1_hi g2_hj [V11_i x1_i + V12_i x2_j + b1_i ; V21_j x1_i + V22_j x2_j + b2_j]``;
-    summed over ``j`` (resp. ``i``) the cross terms need only the head mixtures ``y2_h`` (resp. ``y1_h``)."""
-    e, cd = w["b1"].shape[0], compute_dtype
-    g1, g2 = g1_nhi.astype(cd), g2_nhj.astype(cd)
-
-    def sparse(x_nd, w, g1, g2):
-        w1, i1 = _select(g1, k)
-        w2, i2 = _select(g2, k)
-        x1_nhkm = _up(x_nd, w["u1"], w["u1_bias"], i1, e, cd)
-        x2_nhkm = _up(x_nd, w["u2"], w["u2_bias"], i2, e, cd)
-        y1_nhm = jnp.einsum("nhk,nhkm->nhm", w1, x1_nhkm)
-        y2_nhm = jnp.einsum("nhk,nhkm->nhm", w2, x2_nhkm)
-        top = (_down(x1_nhkm, w["v11"], i1, e, cd, "nhkm") + _down(y2_nhm, w["v12"], i1, e, cd, "nhm")
-               + w["b1"][i1].astype(cd))
-        bot = (_down(y1_nhm, w["v21"], i2, e, cd, "nhm") + _down(x2_nhkm, w["v22"], i2, e, cd, "nhkm")
-               + w["b2"][i2].astype(cd))
-        return jnp.concatenate([jnp.einsum("nhk,nhkd->nd", w1, top), jnp.einsum("nhk,nhkd->nd", w2, bot)], axis=-1)
-
-    def dense(x_nd, w, g1, g2):
-        return vd_layer_reference(x_nd.astype(cd), jax.tree.map(lambda a: a.astype(cd), w), g1, g2)
-
-    return jax.lax.cond(active_fits(g1_nhi, g2_nhj, k), sparse, dense, x_nd, w, g1, g2)
+    sizes = widths(e)
+    branches = [narrow(s) for s in sizes] + [layer]
+    choice = jnp.sum(jnp.asarray(sizes, jnp.int32) < need) if sizes else jnp.int32(0)
+    return jax.lax.switch(choice, branches, x, w, g1_bthi, g2_bthj)
