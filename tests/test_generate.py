@@ -135,3 +135,10 @@ def test_generate_cli(tmp_path, capsys):
     assert eval_main(args) == 0
     texts = [[line for line in o.splitlines() if "tokens/s" not in line] for o in (out, capsys.readouterr().out)]
     assert texts[0] == texts[1]  # the same seed samples the same text
+    one = args[:3] + args[5:]  # the first prompt alone
+    assert eval_main(one) == 0
+    whole = capsys.readouterr().out
+    assert eval_main(one + ["--stream", "2"]) == 0
+    streamed = capsys.readouterr().out
+    assert [x for x in streamed.splitlines() if "tokens/s" not in x] == [x for x in whole.splitlines()
+                                                                          if "tokens/s" not in x]
