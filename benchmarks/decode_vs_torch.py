@@ -51,31 +51,31 @@ def _logits(model, ids_bt):
     return model(ids_bt).logits
 
 
-def best_of(fn, reps: int) -> float:
-    """Shortest wall time of ``reps`` calls (after one warm-up call): the least disturbed by a shared machine."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def best_of(fns: dict, reps: int) -> dict:
+    """Shortest wall time of each function over ``reps`` rounds (after a warm-up call), the functions taking
+    turns within a round: the least disturbed by a shared machine, and disturbed alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
-def time_jax(model, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: int, reps: int) -> dict:
-    out = {}
+def jax_work(model, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: int) -> tuple[dict, dict]:
+    """(functions to time, their outputs): decoding per batch size and the forward pass."""
     pure = PureModel(model)
+    fns, outs = {}, {}
     for b, ids in prompts.items():
-        res = {}
-
-        def run(ids=ids, res=res):
-            res.update(generate(model, ids.tolist(), max_new_tokens=new, eos_id=None, pure=pure))
-
-        s = best_of(run, reps)
-        out[f"decode_b{b}"] = {"tokens_per_second": b * new / s, "tokens": res["tokens"]}
+        def run(ids=ids, b=b):
+            outs[f"decode_b{b}"] = generate(model, ids.tolist(), max_new_tokens=new, eos_id=None, pure=pure)["tokens"]
+        fns[f"decode_b{b}"] = run
     fwd = pure.jit(_logits)
-    out["forward"] = {"seconds": best_of(lambda: jax.block_until_ready(fwd(fwd_ids)), reps)}
-    return out
+    fns["forward"] = lambda: jax.block_until_ready(fwd(fwd_ids))
+    return fns, outs
 
 
 def load_reference(path: str, model: MonetForCausalLM, directory: str):
@@ -92,24 +92,22 @@ def load_reference(path: str, model: MonetForCausalLM, directory: str):
     return ref
 
 
-def time_torch(ref, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: int, reps: int) -> dict:
+def torch_work(ref, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: int) -> tuple[dict, dict]:
     import torch
 
-    out = {}
-    with torch.inference_mode():
-        for b, ids in prompts.items():
-            x = torch.from_numpy(ids.astype(np.int64))
-            res = {}
+    fns, outs = {}, {}
+    for b, ids in prompts.items():
+        x = torch.from_numpy(ids.astype(np.int64))
 
-            def run(x=x, res=res):
-                res["ids"] = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new,
-                                         min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
-
-            s = best_of(run, reps)
-            out[f"decode_b{b}"] = {"tokens_per_second": b * new / s, "tokens": res["ids"][:, x.shape[1]:].tolist()}
-        x = torch.from_numpy(fwd_ids.astype(np.int64))
-        out["forward"] = {"seconds": best_of(lambda: ref(x, use_cache=False).logits, reps)}
-    return out
+        @torch.inference_mode()
+        def run(x=x, b=b):
+            out = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, use_cache=True, pad_token_id=0)
+            outs[f"decode_b{b}"] = out[:, x.shape[1]:].tolist()
+        fns[f"decode_b{b}"] = run
+    x = torch.from_numpy(fwd_ids.astype(np.int64))
+    fns["forward"] = torch.inference_mode()(lambda: ref(x, use_cache=False).logits)
+    return fns, outs
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> str:
@@ -134,27 +132,31 @@ def main(argv=None) -> int:
     fb, ft = map(int, args.forward.split("x"))
     fwd_ids = rng.integers(3, SHAPE["vocab_size"], (fb, ft)).astype(np.int32)
     print(f"shape {SHAPE} | prompt {args.prompt}, {args.new_tokens} new tokens | forward {fb}x{ft} | "
-          f"best of {args.reps} | {jax.devices()[0].device_kind}")
+          f"best of {args.reps}, interleaved | {jax.devices()[0].device_kind}")
     for dec in args.decompose.split(","):
         model = build(dec, args.moe_impl)
-        jx = time_jax(model, prompts, fwd_ids, args.new_tokens, args.reps)
-        th = None
-        if args.reference_code:
-            with tempfile.TemporaryDirectory() as d:
-                ref = load_reference(args.reference_code, model, d)
-                th = time_torch(ref, prompts, fwd_ids, args.new_tokens, args.reps)
+        fns, outs = jax_work(model, prompts, fwd_ids, args.new_tokens)
+        fns = {("jax", k): f for k, f in fns.items()}
+        with tempfile.TemporaryDirectory() as d:
+            if args.reference_code:
+                ref_fns, ref_outs = torch_work(load_reference(args.reference_code, model, d), prompts, fwd_ids,
+                                               args.new_tokens)
+                fns.update({("torch", k): f for k, f in ref_fns.items()})
+            best = best_of(fns, args.reps)
+        name = f"{dec[0].upper()}D"
         for b in prompts:
             k = f"decode_b{b}"
-            line = f"{dec[0].upper()}D decode batch {b}: monet-jax {jx[k]['tokens_per_second']:7.1f} tok/s"
-            if th:
-                line += (f" | PyTorch {th[k]['tokens_per_second']:7.1f} tok/s | "
-                         f"{jx[k]['tokens_per_second'] / th[k]['tokens_per_second']:.2f}x | greedy tokens "
-                         f"{agreement(jx[k]['tokens'], th[k]['tokens'])}")
+            rate = b * args.new_tokens / best["jax", k]
+            line = f"{name} decode batch {b}: monet-jax {rate:7.1f} tok/s"
+            if args.reference_code:
+                ref_rate = b * args.new_tokens / best["torch", k]
+                line += (f" | PyTorch {ref_rate:7.1f} tok/s | {rate / ref_rate:.2f}x | greedy tokens "
+                         f"{agreement(outs[k], ref_outs[k])}")
             print(line, flush=True)
-        line = f"{dec[0].upper()}D forward {fb}x{ft}: monet-jax {1e3 * jx['forward']['seconds']:7.1f} ms"
-        if th:
-            line += (f" | PyTorch {1e3 * th['forward']['seconds']:7.1f} ms | "
-                     f"{th['forward']['seconds'] / jx['forward']['seconds']:.2f}x")
+        line = f"{name} forward {fb}x{ft}: monet-jax {1e3 * best['jax', 'forward']:7.1f} ms"
+        if args.reference_code:
+            line += (f" | PyTorch {1e3 * best['torch', 'forward']:7.1f} ms | "
+                     f"{best['torch', 'forward'] / best['jax', 'forward']:.2f}x")
         print(line, flush=True)
     return 0
 
