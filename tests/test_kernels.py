@@ -15,7 +15,7 @@ from flax import nnx
 
 from monet_jax import MonetForCausalLM, sharding
 from monet_jax.config import ConfigError, MonetConfig
-from monet_jax.kernels import dispatch, sparse
+from monet_jax.kernels import dispatch
 from monet_jax.kernels.mixing import hd_mix, vd_mix
 from monet_jax.kernels.reference import (
     aux_from_sums,
@@ -243,19 +243,23 @@ def test_model_pallas_under_a_mesh():
 
 # -- sparse path --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dec", ["vertical", "horizontal"])
-def test_sparse_equals_dense_on_parity_checkpoints(reference_checkpoint, dec, monkeypatch):
-    """moe_impl=sparse gathers the experts some token and head uses at the smallest compiled width that
-    holds them, or runs the dense layer when none does: the logits are the dense path's either way."""
+def test_sparse_equals_dense_on_parity_checkpoints(reference_checkpoint, dec):
+    """moe_impl=sparse projects only the ``v`` rows of the experts some token and head uses, gathered at a
+    width of ``tokens * H * moe_sparse_k``, or runs the dense projection when the union is wider: the
+    logits are the dense path's either way."""
     directory, _ = reference_checkpoint(moe_decompose=dec)
     dense = MonetForCausalLM.from_pretrained(directory, moe_impl="xla")
-    e = dense.config.moe_experts
+    cfg = dense.config
     ids = np.random.default_rng(0).integers(0, 96, (1, 3)).astype(np.int32)
     out = dense(ids, output_router_probs=True)
     used = max(int(np.any(np.asarray(g) > 0, axis=(0, 1, 2)).sum()) for pair in out.router_probs for g in pair)
-    assert 1 < used < e  # a real subset: the gathered path has something to leave out
+    per_k = ids.size * cfg.moe_heads  # the gathered width per unit of moe_sparse_k
+    fits, short = -(-used // per_k), (used - 1) // per_k
+    assert 1 < used < cfg.moe_experts and fits * per_k < cfg.moe_experts and short >= 1
     model = MonetForCausalLM.from_pretrained(directory, moe_impl="sparse")
-    for widths in ((used,), (1, used - 1, e - 1), (used - 1,)):  # exact fit, next width up, dense fallback
-        monkeypatch.setattr(sparse, "widths", lambda experts, w=widths: w)
+    for k in (fits, short):  # the union fits the gathered width / the dense fallback
+        for layer in model.model.layers:
+            layer.moe.sparse_k = k
         close(model(ids).logits, out.logits)
 
 

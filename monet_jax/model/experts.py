@@ -6,8 +6,6 @@ they are a dense MLP of width ``E * m`` whose hidden units are reweighted by ``g
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -60,12 +58,13 @@ class VerticalExperts(nnx.Module):
 
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
-        return _run(self, vd_layer, sparse.VD_SIDES, x_btd, g1_bthi, g2_bthj, deleted)
+        return _run(self, vd_layer, ("u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2"), x_btd, g1_bthi, g2_bthj,
+                    deleted)
 
 
-def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype):
-    """The VD layer on the XLA path; ``w`` as ``kernels.ops.vertical`` (any number of experts: the sparse
-    path passes the ones in use). Expert ``(i, j)`` outputs
+def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
+    """The VD layer on the XLA path; ``w`` as ``kernels.ops.vertical``; ``width``: the sparse path's
+    number of experts gathered for the ``v`` projections. Expert ``(i, j)`` outputs
     ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
     b, t, _ = x_btd.shape
     cd, e = compute_dtype, w["b1"].shape[0]
@@ -84,12 +83,10 @@ def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype):
         s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
         cross12_btim = cross12_btim - deleted_units(x2_btjm, g2, g1, d_ij.T)
         cross21_btjm = cross21_btjm - deleted_units(x1_btim, g1, g2, d_ij)
-    top = (project((x1_btim * s1_bti[..., None]).reshape(b, t, -1), w["v11"], None, cd)
-           + project(cross12_btim.reshape(b, t, -1), w["v12"], None, cd)
-           + jnp.einsum("bti,id->btd", s1_bti, w["b1"].astype(cd)))
-    bottom = (project(cross21_btjm.reshape(b, t, -1), w["v21"], None, cd)
-              + project((x2_btjm * s2_btj[..., None]).reshape(b, t, -1), w["v22"], None, cd)
-              + jnp.einsum("btj,jd->btd", s2_btj, w["b2"].astype(cd)))
+    top = sparse.project_experts([x1_btim * s1_bti[..., None], cross12_btim], [w["v11"], w["v12"]], s1_bti,
+                                 w["b1"], cd, width)
+    bottom = sparse.project_experts([cross21_btjm, x2_btjm * s2_btj[..., None]], [w["v21"], w["v22"]], s2_btj,
+                                    w["b2"], cd, width)
     return jnp.concatenate([top, bottom], axis=-1)
 
 
@@ -107,11 +104,11 @@ class HorizontalExperts(nnx.Module):
 
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
-        return _run(self, hd_layer, sparse.HD_SIDES, x_btd, g1_bthi, g2_bthj, deleted)
+        return _run(self, hd_layer, ("u", "v", "b"), x_btd, g1_bthi, g2_bthj, deleted)
 
 
-def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype):
-    """The HD layer on the XLA path; ``w`` as ``kernels.ops.horizontal`` (any number of experts)."""
+def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
+    """The HD layer on the XLA path; ``w`` as ``kernels.ops.horizontal``; ``width`` as in ``vd_layer``."""
     b, t, _ = x_btd.shape
     cd, e = compute_dtype, w["b"].shape[0]
     g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
@@ -123,7 +120,7 @@ def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype):
         d_ij = deleted.astype(cd)
         z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
         s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
-    return project(z_btjm.reshape(b, t, -1), w["v"], None, cd) + jnp.einsum("btj,jd->btd", s2_btj, w["b"].astype(cd))
+    return sparse.project_experts([z_btjm], [w["v"]], s2_btj, w["b"], cd, width)
 
 
 class DenseMLP(nnx.Module):
@@ -144,7 +141,7 @@ class DenseMLP(nnx.Module):
         return self.down_proj(relu2(self.up_proj(x_btd)))
 
 
-def _run(layer, math, sides: dict, x_btd, g1_bthi, g2_bthj, deleted):
+def _run(layer, math, names: tuple[str, ...], x_btd, g1_bthi, g2_bthj, deleted):
     """The layer through its ``moe_impl`` (``kernels.dispatch``); an expert deletion mask runs on XLA."""
     b, t, _ = x_btd.shape
     impl = layer.moe_impl
@@ -154,14 +151,12 @@ def _run(layer, math, sides: dict, x_btd, g1_bthi, g2_bthj, deleted):
     if impl != "xla":
         mixing = (layer.half_dim, VD_ARRAYS) if isinstance(layer, VerticalExperts) else (layer.dim, HD_ARRAYS)
         impl = dispatch.choose(impl, b * t, g1_bthi.shape[2], layer.experts, layer.sparse_k, mixing)
-    w = _weights(layer, *(k for k in sides if not k.endswith("_bias")))
+    w = _weights(layer, *names)
     if impl == "pallas":
         ops = kernel_ops.vertical if isinstance(layer, VerticalExperts) else kernel_ops.horizontal
         return ops(x_btd, w, g1_bthi, g2_bthj, compute_dtype=layer.compute_dtype)
-    dense = partial(math, compute_dtype=layer.compute_dtype)
-    if impl == "sparse":
-        return sparse.gathered(dense, x_btd, w, g1_bthi, g2_bthj, sides)
-    return dense(x_btd, w, g1_bthi, g2_bthj, deleted)
+    width = b * t * g1_bthi.shape[2] * layer.sparse_k if impl == "sparse" else None
+    return math(x_btd, w, g1_bthi, g2_bthj, deleted, compute_dtype=layer.compute_dtype, width=width)
 
 
 def _weights(layer, *names) -> dict:
