@@ -12,7 +12,8 @@ from flax import nnx
 from monet_jax import MonetForCausalLM
 from monet_jax.config import MonetConfig
 from monet_jax.data.tokenizer import load_tokenizer
-from monet_jax.eval.corpus import document_tokens, perplexity, rows
+from monet_jax.data.windows import document_tokens, rows
+from monet_jax.eval.corpus import perplexity
 from monet_jax.eval.main import main as eval_main
 from monet_jax.experts.mask import ExpertMask
 from monet_jax.experts.select import correlated_experts, domain_experts

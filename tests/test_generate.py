@@ -8,8 +8,10 @@ from flax import nnx
 
 from monet_jax import MonetForCausalLM
 from monet_jax.config import MonetConfig
+from monet_jax.eval import generate as gen
 from monet_jax.eval.generate import Sampling, generate, sample
 from monet_jax.eval.main import main as eval_main
+from monet_jax.model.pure import PureModel
 
 
 def tiny_model(**over) -> MonetForCausalLM:
@@ -40,13 +42,66 @@ def test_cached_generation_equals_full_recomputation(over):
             assert new[n] == int(np.argmax(full))
 
 
-def test_eos_stops_a_row_and_pads_the_rest():
+def full_logits(model, ids: list[int]) -> np.ndarray:
+    return np.asarray(model(np.array([ids], np.int32)).logits)[0, -1]
+
+
+def test_seeded_sampling_equals_full_recomputation():
+    """Each sampled token is the draw of step n's key (fold_in(seed key, n)) from the logits of the whole
+    sequence so far recomputed without a cache; rows of different lengths share the batch."""
+    model = tiny_model(moe_decompose="horizontal")
+    s = Sampling(temperature=0.9, top_k=12, top_p=0.9)
+    prompts = [[1, 5, 9, 13, 17], [1, 40]]
+    res = generate(model, prompts, max_new_tokens=6, eos_id=None, sampling=s, seed=3, return_logits=True)
+    key = jax.random.key(3)
+    for row, (prompt, new) in enumerate(zip(prompts, res["tokens"], strict=True)):
+        for n in range(6):
+            full = full_logits(model, prompt + new[:n])
+            np.testing.assert_allclose(res["logits"][row, n], full, atol=2e-5, rtol=1e-5)
+            draw = sample(jnp.asarray(np.stack([full] * len(prompts))), jax.random.fold_in(key, n), s)
+            assert new[n] == int(draw[row])
+    assert res["tokens"] != [[int(np.argmax(full_logits(model, p)))] * 6 for p in prompts]  # not greedy
+
+
+def test_eos_stops_rows_independently():
     model = tiny_model()
-    first = generate(model, [[1, 3, 4]], max_new_tokens=6, eos_id=None)["tokens"][0]
-    eos = first[2]  # make the third greedy token the end of sequence
-    res = generate(model, [[1, 3, 4], [1, 3, 4]], max_new_tokens=6, eos_id=eos)
-    cut = first.index(eos) + 1
-    assert res["tokens"] == [first[:cut], first[:cut]]
+    prompts = [[1, 3, 4], [1, 50, 51, 52]]
+    free = generate(model, prompts, max_new_tokens=8, eos_id=None)["tokens"]
+    # an eos that row 0 draws at step 2 or later and row 1 never draws
+    eos = next(t for t in free[0][2:] if t not in free[1])
+    res = generate(model, prompts, max_new_tokens=8, eos_id=eos)
+    assert res["tokens"] == [free[0][:free[0].index(eos) + 1], free[1]]
+    # a row that stops early does not stop the others; all stopping ends the loop
+    both = generate(model, [prompts[0], prompts[0]], max_new_tokens=8, eos_id=eos)["tokens"]
+    assert both == [free[0][:free[0].index(eos) + 1]] * 2
+
+
+def test_buckets_reuse_compilations_and_keep_results():
+    """Prompt lengths within a power-of-two bucket reuse the compiled prefill and loop; a prompt decoded
+    alone or beside a longer one (another bucket, more left padding) gets the same tokens and logits."""
+    model = tiny_model()
+    pure = PureModel(model)
+    alone = generate(model, [[1, 8, 9]], max_new_tokens=5, eos_id=None, return_logits=True, pure=pure)
+    prefill = pure.jit(gen._prefill, static_argnums=(3, 4, 5))
+    decode = pure.jit(gen._decode, static_argnums=(3, 4), donate_argnums=(0,))
+    compiled = prefill.func._cache_size(), decode.func._cache_size()
+    for prompt in ([1, 2, 3, 4, 5, 6], [1, 7, 7, 7, 7, 7, 7, 7], [1, 8]):  # 2 to 8 tokens: one bucket
+        generate(model, [prompt], max_new_tokens=5, eos_id=None, return_logits=True, pure=pure)
+    assert (prefill.func._cache_size(), decode.func._cache_size()) == compiled
+    mixed = generate(model, [[1, 8, 9], list(range(1, 21))], max_new_tokens=9, eos_id=None, return_logits=True)
+    assert mixed["tokens"][0][:5] == alone["tokens"][0]
+    np.testing.assert_allclose(mixed["logits"][0, :5], alone["logits"][0], atol=2e-5, rtol=1e-5)
+
+
+def test_streamed_chunks_equal_one_call():
+    model = tiny_model()
+    whole = generate(model, [[1, 3, 4], [1, 9]], max_new_tokens=7, eos_id=None)["tokens"]
+    seen = []
+    streamed = generate(model, [[1, 3, 4], [1, 9]], max_new_tokens=7, eos_id=None, chunk=3,
+                        on_tokens=lambda t: seen.append(t.tolist()))
+    assert streamed["tokens"] == whole
+    assert [len(s[0]) for s in seen] == [1, 2, 5, 7]  # first token, the compiling step, then chunks of 3
+    assert seen[-1] == whole
 
 
 def test_samplers():
@@ -80,3 +135,10 @@ def test_generate_cli(tmp_path, capsys):
     assert eval_main(args) == 0
     texts = [[line for line in o.splitlines() if "tokens/s" not in line] for o in (out, capsys.readouterr().out)]
     assert texts[0] == texts[1]  # the same seed samples the same text
+    one = args[:3] + args[5:]  # the first prompt alone
+    assert eval_main(one) == 0
+    whole = capsys.readouterr().out
+    assert eval_main(one + ["--stream", "2"]) == 0
+    streamed = capsys.readouterr().out
+    assert [x for x in streamed.splitlines() if "tokens/s" not in x] == [x for x in whole.splitlines()
+                                                                          if "tokens/s" not in x]

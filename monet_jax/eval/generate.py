@@ -1,18 +1,24 @@
-"""Batched text generation with a key/value cache: greedy, temperature, top-k and top-p sampling.
+"""Batched text generation on the device: greedy, temperature, top-k and top-p sampling.
 
-Prompts are left-padded to a common length so every row writes its new tokens to the same cache slot;
-positions count only real tokens, and padded slots are masked out of attention.
+One compiled call fills the key/value cache with the prompts and draws the first token; a second runs
+the rest of the generation as one ``lax.while_loop`` (sampling and eos stopping inside it, the cache
+donated and updated in place), optionally in chunks of tokens for streaming. Prompts are left-padded to
+a power-of-two length and the cache and batch are rounded to powers of two, so new prompt lengths reuse
+a few compiled shapes. Positions count only real tokens; padded slots are masked out of attention.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from monet_jax.model.pure import PureModel
 
 
 @dataclass(frozen=True)
@@ -41,68 +47,122 @@ def sample(logits_bv, key, s: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@nnx.jit
-def _step(model, ids_bt, positions_bt, key_mask_bs, cache, index):
-    logits, cache = model.cached(ids_bt, positions_bt, key_mask_bs, cache, index)
-    return logits[:, -1], cache
+def bucket(n: int, least: int = 1) -> int:
+    """The smallest power of two >= ``n`` and >= ``least``: few distinct shapes, few compilations."""
+    return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+class Decoding(NamedTuple):
+    """What the decoding loop carries between steps (and between streamed chunks)."""
+
+    cache: list            # per layer (keys, values) [b, S, kv_heads, head_dim]
+    tokens: jax.Array      # int32 [b, N]: the new tokens, pad_id after a row's eos
+    logits: jax.Array      # float32 [b, N, V] the tokens were drawn from ([b, 0, V] unless requested)
+    position: jax.Array    # int32 [b]: position of the last drawn token
+    done: jax.Array        # bool [b]: the row has drawn eos
+    n: jax.Array           # int32: tokens drawn so far
+
+
+class _Fixed(NamedTuple):
+    """Per-call values that the loop reads but never changes."""
+
+    key_mask: jax.Array    # bool [b, S]: real prompt tokens and every generated slot
+    key: jax.Array         # PRNG key; step n samples with fold_in(key, n)
+    eos: jax.Array         # int32, -1 = none
+    pad: jax.Array         # int32
+    filler: jax.Array      # bool [b]: a row added to round the batch up (done from the start)
+
+
+def _draw(s: Decoding, f: _Fixed, logits_bv, sampling: Sampling, keep_logits: bool) -> Decoding:
+    tok = sample(logits_bv, jax.random.fold_in(f.key, s.n), sampling)
+    tok = jnp.where(s.done, f.pad, tok)
+    logits = s.logits.at[:, s.n].set(logits_bv) if keep_logits else s.logits
+    return s._replace(tokens=s.tokens.at[:, s.n].set(tok), logits=logits, done=s.done | (tok == f.eos), n=s.n + 1)
+
+
+def _prefill(model, ids_bp, position_bp, f: _Fixed, new: int, sampling: Sampling, keep_logits: bool) -> Decoding:
+    b, p = ids_bp.shape
+    cache = model.init_cache(b, f.key_mask.shape[1])
+    logits, cache = model.cached(ids_bp, position_bp, f.key_mask, cache, 0)
+    v = logits.shape[-1]
+    s = Decoding(cache, jnp.zeros((b, new), jnp.int32), jnp.zeros((b, new if keep_logits else 0, v), jnp.float32),
+                 position_bp[:, -1], f.filler, jnp.int32(0))
+    return _draw(s, f, logits[:, -1], sampling, keep_logits)
+
+
+def _decode(model, s: Decoding, f: _Fixed, stop, sampling: Sampling, keep_logits: bool) -> Decoding:
+    """Draw tokens until ``stop`` are drawn or every row has drawn eos."""
+    prompt = f.key_mask.shape[1] - s.tokens.shape[1]
+
+    def step(s: Decoding) -> Decoding:
+        position = s.position + 1
+        logits, cache = model.cached(s.tokens[:, s.n - 1, None], position[:, None], f.key_mask, s.cache,
+                                     prompt + s.n - 1)
+        return _draw(s._replace(cache=cache, position=position), f, logits[:, -1], sampling, keep_logits)
+
+    return jax.lax.while_loop(lambda s: (s.n < stop) & ~jnp.all(s.done), step, s)
 
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
-             sampling: Sampling = Sampling(), seed: int = 0, return_logits: bool = False) -> dict:
+             sampling: Sampling = Sampling(), seed: int = 0, return_logits: bool = False,
+             chunk: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
+             pure: PureModel | None = None) -> dict:
     """Continue each prompt (token ids, bos included) by up to ``max_new_tokens``; a row stops after it
-    samples ``eos_id``. Returns ``tokens`` (new ids per row, eos included), timings and optionally the
-    logits each new token was drawn from."""
+    samples ``eos_id``. Returns ``tokens`` (new ids per row, eos included), timings (prefill with its
+    compilation; decoding after its first step) and optionally the logits each new token was drawn from.
+
+    ``chunk``: return to the host every ``chunk`` tokens and call ``on_tokens`` with every row's tokens so
+    far (``[b, n]``, ``pad_id`` after eos) for streaming. ``pure``: the model already split (repeated calls)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    model.eval()
-    b, p_len = len(prompts), max(len(p) for p in prompts)
-    total = p_len + max_new_tokens
-    ids = np.full((b, p_len), pad_id, np.int32)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    pure = pure if pure is not None else PureModel(model)
+    rows, p_len = len(prompts), max(len(p) for p in prompts)
+    b, p = bucket(rows), bucket(p_len, 8)
+    total = bucket(p + max_new_tokens)
+    ids = np.full((b, p), pad_id, np.int32)
     key_mask = np.zeros((b, total), bool)
-    for i, p in enumerate(prompts):
-        ids[i, p_len - len(p):] = p
-        key_mask[i, p_len - len(p):p_len] = True
-    positions = np.maximum(np.cumsum(key_mask[:, :p_len], axis=1) - 1, 0).astype(np.int32)
-    cache = model.init_cache(b, total)
-    key = jax.random.key(seed)
+    key_mask[:, p:] = True
+    for i, prompt in enumerate(prompts + [prompts[0]] * (b - rows)):  # filler rows repeat the first prompt
+        ids[i, p - len(prompt):] = prompt
+        key_mask[i, p - len(prompt):p] = True
+    positions = np.maximum(np.cumsum(key_mask[:, :p], axis=1) - 1, 0).astype(np.int32)
+    fixed = _Fixed(jnp.asarray(key_mask), jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
+                   jnp.int32(pad_id), jnp.arange(b) >= rows)
+    prefill = pure.jit(_prefill, static_argnums=(3, 4, 5))
+    decode = pure.jit(_decode, static_argnums=(3, 4), donate_argnums=(0,))
 
     t0 = time.perf_counter()
-    logits, cache = _step(model, jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(key_mask), cache, 0)
-    logits.block_until_ready()
+    state = prefill(jnp.asarray(ids), jnp.asarray(positions), fixed, total - p, sampling, return_logits)
+    jax.block_until_ready(state.n)
     prefill_s = time.perf_counter() - t0
-    next_pos = positions[:, -1] + 1
-    out = np.zeros((b, max_new_tokens), np.int32)
-    done = np.zeros(b, bool)
-    history = []
-    t0 = time.perf_counter()
-    steps = 0
-    for n in range(max_new_tokens):
-        key, sub = jax.random.split(key)
-        tok = np.asarray(sample(logits, sub, sampling))
-        if return_logits:
-            history.append(np.asarray(logits))
-        tok = np.where(done, pad_id, tok)
-        out[:, n] = tok
-        steps = n + 1
-        if eos_id is not None:
-            done |= tok == eos_id
-        if done.all() or n == max_new_tokens - 1:
+    step = chunk or max_new_tokens
+    decode_s, timed_from = 0.0, None
+    while True:
+        n, all_done = int(state.n), bool(jnp.all(state.done))
+        if on_tokens is not None:
+            on_tokens(np.asarray(state.tokens[:rows, :n]))
+        if n >= max_new_tokens or all_done:
             break
-        key_mask[:, p_len + n] = True
-        logits, cache = _step(model, jnp.asarray(tok[:, None]), jnp.asarray(next_pos[:, None]),
-                              jnp.asarray(key_mask), cache, p_len + n)
-        next_pos = next_pos + 1
-        if n == 0:  # the first decoding step compiles; time the ones after it
-            jax.block_until_ready(logits)
-            t0 = time.perf_counter()
-    jax.block_until_ready(logits)
-    decode_s = time.perf_counter() - t0
+        # The first decoding call draws one token (and compiles); the rate is timed from the next.
+        stop = n + 1 if timed_from is None else min(n + step, max_new_tokens)
+        t0 = time.perf_counter()
+        state = decode(state, fixed, jnp.int32(stop), sampling, return_logits)
+        jax.block_until_ready(state.n)
+        if timed_from is None:
+            timed_from = stop
+        else:
+            decode_s += time.perf_counter() - t0
+    steps = int(state.n)
+    out = np.asarray(state.tokens[:rows, :steps])
     tokens = []
-    for row in out[:, :steps]:
-        stop = np.flatnonzero(row == eos_id) if eos_id is not None else []
-        tokens.append(row[:stop[0] + 1].tolist() if len(stop) else row.tolist())
+    for row in out:
+        stop_at = np.flatnonzero(row == eos_id) if eos_id is not None else []
+        tokens.append(row[:stop_at[0] + 1].tolist() if len(stop_at) else row.tolist())
+    timed = steps - (timed_from or steps)
     result = {"tokens": tokens, "prefill_seconds": prefill_s, "decode_seconds": decode_s,
-              "decode_tokens_per_second": b * (steps - 2) / decode_s if steps > 2 and decode_s > 0 else None}
+              "decode_tokens_per_second": rows * timed / decode_s if timed > 0 and decode_s > 0 else None}
     if return_logits:
-        result["logits"] = np.stack(history, axis=1)
+        result["logits"] = np.asarray(state.logits[:rows, :steps])
     return result

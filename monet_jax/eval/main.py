@@ -1,7 +1,7 @@
 """``eval.py`` / ``monet-eval``: evaluate a checkpoint (ours or a Hugging Face directory).
 
     python eval.py perplexity runs/default/checkpoint [--data FILE_OR_DIR]
-    python eval.py generate runs/default/checkpoint --prompt "def main(" [--temperature 0.8 --top-p 0.95]
+    python eval.py generate runs/default/checkpoint --prompt "def main(" [--temperature 0.8 --top-p 0.95] [--stream 8]
     python eval.py tasks runs/default/checkpoint arc_easy.jsonl piqa.jsonl [--shots 5] [--tokenizer PATH]
     python eval.py experts tokens runs/default/checkpoint --text "def main():"
     python eval.py experts stats runs/default/checkpoint --data corpus.jsonl --out stats/
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     ppl = sub.add_parser("perplexity", parents=[common, corpus], help="loss and perplexity over a local corpus")
     ppl.add_argument("--data", default=None, help="text file, directory, glob, JSONL, Parquet or ArrayRecord "
-                                                  "(default: the embedded corpus)")
+                                                  "(default: the embedded corpus's held-out documents)")
     ppl.add_argument("--format", default="auto")
     ppl.add_argument("--text-key", default="text")
     ppl.add_argument("--max-batches", type=int, default=None)
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stream", type=int, default=0, metavar="N",
+                     help="print a single prompt's text as it is generated, N tokens per device call")
     exp = sub.add_parser("experts", help="expert microscope and scalpel")
     experts_cli.add_parsers(exp.add_subparsers(dest="experts_command", required=True), common, corpus)
     args = p.parse_args(argv)
@@ -98,7 +100,8 @@ def _perplexity(args, model, tokenizer) -> int:
     multi = jax.process_count() > 1
     if multi and (args.max_tokens is not None or args.max_batches is not None):
         raise ValueError("--max-tokens and --max-batches cut the corpus in order: not with --distributed")
-    docs = _share(experts_cli.read_corpus(args.data, args.format, args.text_key))
+    docs = _share(experts_cli.read_corpus(args.data, args.format, args.text_key) if args.data
+                  else held_out_documents())
     start = time.perf_counter()
     r = {"loss": 0.0, "tokens": 0}  # each document is scored on its own: the shares' sums add up
     if docs:
@@ -112,6 +115,18 @@ def _perplexity(args, model, tokenizer) -> int:
         print(f"loss {loss:.4f}  ppl {math.exp(loss):.3f}  tokens {int(tokens):,}  "
               f"({time.perf_counter() - start:.1f}s)")
     return 0
+
+
+def held_out_documents() -> list:
+    """The embedded corpus's validation documents: those the default training run (its seed and
+    ``val_fraction``) held out, so its perplexity is never measured on training text."""
+    from monet_jax.data.pipeline import split_indices
+    from monet_jax.data.sources import open_documents
+    from monet_jax.train.config import TrainConfig
+
+    cfg = TrainConfig()
+    src = open_documents(None, "auto", "text")
+    return [src[int(i)] for i in split_indices(len(src), cfg.data.val_fraction, cfg.seed)["validation"]]
 
 
 def _model_and_tokenizer(args):
@@ -129,12 +144,32 @@ def _model_and_tokenizer(args):
 def _generate(args, model, tokenizer) -> int:
     from monet_jax.eval.generate import Sampling, generate
 
+    if args.stream and len(args.prompt) > 1:
+        raise ValueError("--stream prints one prompt's text as it comes: give a single --prompt")
     prompts = [[tokenizer.bos_id, *map(int, tokenizer.encode(p))] for p in args.prompt]
+    printed = [""]
+
+    def show(tokens_bn, final: bool = False):
+        """Print the text new since the last chunk; all tokens so far are decoded, and an unfinished
+        character (a replacement mark at the end) waits for the next chunk."""
+        ids = list(tokens_bn[0])
+        text = tokenizer.decode(ids[:ids.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in ids else ids)
+        text = text if final else text.rstrip("\ufffd")
+        print(text[len(printed[0]):], end="", flush=True)
+        printed[0] = text
+
+    if args.stream:
+        print(f"--- prompt 1: {args.prompt[0]!r}\n{args.prompt[0]}", end="", flush=True)
     res = generate(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
-                   pad_id=tokenizer.pad_id, seed=args.seed, sampling=Sampling(args.temperature, args.top_k, args.top_p))
-    for i, (prompt, new) in enumerate(zip(args.prompt, res["tokens"], strict=True), 1):
-        print(f"--- prompt {i}: {prompt!r}")
-        print(prompt + tokenizer.decode(new))
+                   pad_id=tokenizer.pad_id, seed=args.seed, sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                   chunk=args.stream or None, on_tokens=show if args.stream else None)
+    if args.stream:
+        show([res["tokens"][0]], final=True)
+        print()
+    else:
+        for i, (prompt, new) in enumerate(zip(args.prompt, res["tokens"], strict=True), 1):
+            print(f"--- prompt {i}: {prompt!r}")
+            print(prompt + tokenizer.decode(new))
     rate = res["decode_tokens_per_second"]
     print(f"prefill {res['prefill_seconds']:.2f}s (with compile); decode "
           + (f"{rate:,.1f} tokens/s" if rate else "n/a tokens/s") + f" at batch {len(prompts)}")

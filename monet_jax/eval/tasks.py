@@ -24,8 +24,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
+
+from monet_jax.model.pure import PureModel
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,6 @@ def few_shot_prefix(shots: list[Example]) -> str:
     return "".join(ex.context_for(ex.answer) + ex.choices[ex.answer] + "\n\n" for ex in shots)
 
 
-@nnx.jit
 def _choice_logprobs(model, tokens_bt, score_mask_bt):
     """Sum of log p(token t | tokens < t) over the positions marked in ``score_mask``, and whether every
     marked token is the argmax there (lm-eval's ``is_greedy``)."""
@@ -106,6 +106,7 @@ def token_loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], *, pad
     """:func:`loglikelihoods` on already tokenized ``(context ids, continuation ids)`` (no bos added), for
     callers that choose the token windows themselves (lm-eval's rolling log-likelihood)."""
     max_len = max_len or model.config.max_position_embeddings
+    choice_logprobs = PureModel(model).jit(_choice_logprobs)
     rows, masks = [], []
     for ctx, cont in pairs:
         ids = (list(ctx) + list(cont))[-(max_len + 1):]
@@ -124,7 +125,7 @@ def token_loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], *, pad
         for j, i in enumerate(idx):
             tokens[j, :len(rows[i])] = rows[i]
             mask[j, :len(masks[i])] = masks[i]
-        scores, is_greedy = _choice_logprobs(model, jnp.asarray(tokens), jnp.asarray(mask))
+        scores, is_greedy = choice_logprobs(jnp.asarray(tokens), jnp.asarray(mask))
         out[idx] = np.asarray(scores)[:len(idx)]
         greedy[idx] = np.asarray(is_greedy)[:len(idx)]
     return (out, greedy) if return_greedy else out

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from flax import nnx
+
+from monet_jax.experts.stats import router_probs
+from monet_jax.model.pure import PureModel
 
 
 @dataclass(frozen=True)
@@ -20,11 +22,6 @@ class TokenRouting:
 
     expert_ids: np.ndarray  # int64 [n], i * E + j
     scores: np.ndarray      # float32 [n], sum over heads of g1_hi * g2_hj
-
-
-@nnx.jit
-def _router_probs(model, ids_bt):
-    return model(ids_bt, output_router_probs=True).router_probs
 
 
 def composed_scores(g1_he: np.ndarray, g2_he: np.ndarray) -> TokenRouting:
@@ -49,8 +46,8 @@ def token_routing(model, ids_t: np.ndarray, deleted: list[set[int]] | None = Non
     ``deleted``: per group, expert ids left out of the lists (those an applied mask removed)."""
     if not model.config.is_moe:
         raise ValueError("the dense baseline has no experts to inspect")
-    model.eval()
-    probs = _router_probs(model, np.asarray(ids_t, np.int32)[None])
+    ids_bt = np.asarray(ids_t, np.int32)[None]
+    probs = PureModel(model).jit(router_probs)(ids_bt, np.ones(ids_bt.shape, bool))
     groups = [(np.asarray(g1)[0], np.asarray(g2)[0]) for g1, g2 in probs]
     out = [[composed_scores(g1[t], g2[t]) for g1, g2 in groups] for t in range(len(ids_t))]
     if deleted is not None:

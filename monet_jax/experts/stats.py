@@ -17,13 +17,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from monet_jax.eval.corpus import count_batches, document_tokens, rows
+from monet_jax.data.windows import count_batches, document_tokens, rows
+from monet_jax.model.pure import PureModel
 
 
-@nnx.jit
 def router_probs(model, ids_bt, valid_bt):
     """Per routing group ``(g1, g2)`` ``[b, t, H, E]`` of the inference-mode model."""
     return model(ids_bt, attention_mask=valid_bt.astype(jnp.int32), output_router_probs=True).router_probs
@@ -127,7 +126,7 @@ def corpus_stats(model, tokenizer, documents, *, seq_len: int = 128, batch_size:
     """
     if not model.config.is_moe:
         raise ValueError("the dense baseline has no experts to inspect")
-    model.eval()
+    probs_of = PureModel(model).jit(router_probs)
     e = model.config.moe_experts
     docs = document_tokens(tokenizer, documents, max_tokens)
     if not docs:
@@ -138,7 +137,7 @@ def corpus_stats(model, tokenizer, documents, *, seq_len: int = 128, batch_size:
                       desc=desc, unit="batch", leave=False):
         # each token is counted once: a window's first token is the previous window's last
         count = batch.valid & ~((batch.start > 0)[:, None] & (np.arange(seq_len) == 0)[None])
-        probs = router_probs(model, jnp.asarray(batch.ids), jnp.asarray(batch.valid))
+        probs = probs_of(jnp.asarray(batch.ids), jnp.asarray(batch.valid))
         w = jnp.asarray(count, jnp.float32)
         k = _pow2_at_least(max(int(max_active(g)) for pair in probs for g in pair), e)
         y = None
@@ -184,7 +183,7 @@ def top_contexts(model, tokenizer, documents, experts: list[tuple[int, int]], *,
                  batch_size: int = 8, max_tokens: int | None = None):
     """The ``top`` highest-scoring tokens of each ``(group, expert id)`` over the corpus, best first, and
     the documents' token lists the contexts point into."""
-    model.eval()
+    probs_of = PureModel(model).jit(router_probs)
     e = model.config.moe_experts
     docs = document_tokens(tokenizer, documents, max_tokens)
     heaps: dict[tuple[int, int], list[Context]] = {x: [] for x in experts}
@@ -193,7 +192,7 @@ def top_contexts(model, tokenizer, documents, experts: list[tuple[int, int]], *,
         by_group.setdefault(g, []).append(x)
     for batch in tqdm(rows(docs, seq_len, batch_size, tokenizer.pad_id), total=count_batches(docs, seq_len, batch_size),
                       desc="contexts", unit="batch", leave=False):
-        probs = router_probs(model, jnp.asarray(batch.ids), jnp.asarray(batch.valid))
+        probs = probs_of(jnp.asarray(batch.ids), jnp.asarray(batch.valid))
         count = batch.valid & ~((batch.start > 0)[:, None] & (np.arange(seq_len) == 0)[None])
         count[:, 0] = False  # a document's bos carries no content
         for g, ids in by_group.items():

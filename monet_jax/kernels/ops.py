@@ -1,4 +1,4 @@
-"""Layer-level entry points the model calls for ``moe_impl`` ``pallas`` and ``sparse`` (arrays in, arrays out).
+"""Layer-level entry points the model calls for ``moe_impl=pallas`` (arrays in, arrays out).
 
 The ``u``/``v`` projections stay XLA matmuls computed like :class:`~monet_jax.model.layers.Dense`; the
 kernels replace what lies between them. Under an active mesh each kernel runs per batch shard.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from monet_jax.kernels import dispatch, sparse
+from monet_jax.kernels import dispatch
 from monet_jax.kernels.mixing import hd_mix, vd_mix
 from monet_jax.kernels.router import fused_router
 
@@ -30,13 +30,10 @@ def _tokens(a):
     return a.reshape(-1, *a.shape[2:])
 
 
-def horizontal(impl: str, x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype, k: int):
+def horizontal(x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype):
     """HD layer; ``w``: ``u`` [d, E*m], ``u_bias`` [E*m], ``v`` [E*m, d], ``b`` [E, d]."""
     b, t, d = x_btd.shape
     e, cd = w["b"].shape[0], compute_dtype
-    if impl == "sparse":
-        out = sparse.hd_sparse(_tokens(x_btd), w, _tokens(g1_bthi), _tokens(g2_bthj), k=k, compute_dtype=cd)
-        return out.reshape(b, t, -1)
     p_btim = _dense(x_btd, w["u"], w["u_bias"], cd).reshape(b, t, e, -1)
     mix = dispatch.partitioned(lambda p, g1, g2: hd_mix(_tokens(p), _tokens(g1), _tokens(g2)).reshape(p.shape),
                                (True,) * 3, (True,))
@@ -45,14 +42,11 @@ def horizontal(impl: str, x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype, k:
     return _dense(z_btjm.reshape(b, t, -1), w["v"], None, cd) + jnp.einsum("btj,jd->btd", s2_btj, w["b"].astype(cd))
 
 
-def vertical(impl: str, x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype, k: int):
+def vertical(x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype):
     """VD layer; ``w``: ``u1``/``u2`` [d, E*m/2] (+ ``_bias``), ``v11`` ... ``v22`` [E*m/2, d/2],
     ``b1``/``b2`` [E, d/2]."""
     b, t, d = x_btd.shape
     e, cd = w["b1"].shape[0], compute_dtype
-    if impl == "sparse":
-        out = sparse.vd_sparse(_tokens(x_btd), w, _tokens(g1_bthi), _tokens(g2_bthj), k=k, compute_dtype=cd)
-        return out.reshape(b, t, -1)
     p1 = _dense(x_btd, w["u1"], w["u1_bias"], cd).reshape(b, t, e, -1)
     p2 = _dense(x_btd, w["u2"], w["u2_bias"], cd).reshape(b, t, e, -1)
 

@@ -1,11 +1,15 @@
-"""Sparse experts for decoding and small batches: gather only the weights of active experts.
+"""Sparse experts for decoding and small batches: read only the ``v`` rows of the experts in use.
 
-``g1``/``g2`` are exactly zero outside the experts that pass the router's threshold (about
-``moe_topk`` per head), so summing over each token's and head's ``k`` largest probabilities
-(``lax.top_k``) is the dense layer exactly, as long as no token/head has more than ``k`` active experts.
-That is checked at run time: if any has, the call takes the dense path instead (``lax.cond``), so the
-result is always exact. Each token reads ``2 * H * k`` expert slices of ``u`` and ``v`` (``d * m`` each)
-instead of all ``E``: a win while ``tokens * H * k < E`` (decoding).
+``g1``/``g2`` are exactly zero outside the experts that pass the router's threshold (about ``moe_topk``
+per head), so the inputs of the ``v`` projections (and the expert biases' weights) are zero outside the
+experts some token and head of the call uses: the union, at most ``tokens * H * moe_topk`` of ``E`` per
+half. This path gathers those experts' rows of ``v`` and ``b`` once per call, at a static width, and
+projects only them; a union wider than that runs the dense projection (``lax.cond``), so the result is
+always exact.
+
+Counting bytes: a ``v`` expert is ``m`` consecutive rows of its ``[E*m, d]`` kernel, so gathering it reads
+just its bytes. ``u`` is left dense: an expert's ``m`` columns of the ``[d, E*m]`` kernel are strided, and
+gathering them on a CPU read about as many cache lines (and took as long) as the dense matmul.
 """
 
 from __future__ import annotations
@@ -13,74 +17,30 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from monet_jax.kernels.reference import hd_layer_reference, relu2, vd_layer_reference
 
+def project_experts(a_bte_m: list, kernels: list, s_bte, bias_ed, compute_dtype, width: int | None = None):
+    """``sum_k a_k @ kernel_k + s @ bias``: the ``v`` side of a Monet layer, with ``a_k`` ``[b, t, E, m]``
+    and ``s`` ``[b, t, E]`` zero outside the experts with ``s != 0`` (``s = sum_h g``), ``kernel_k``
+    ``[E*m, d]`` and ``bias`` ``[E, d]``. With ``width``: the experts in use only, when at most ``width``."""
+    cd = compute_dtype
+    e = s_bte.shape[-1]
+    use = jnp.any(s_bte != 0, axis=(0, 1))
 
-def active_fits(g1_nhi, g2_nhj, k: int):
-    """True when every token and head has at most ``k`` experts with nonzero probability."""
-    count = jnp.maximum(jnp.sum(g1_nhi > 0, axis=-1).max(), jnp.sum(g2_nhj > 0, axis=-1).max())
-    return count <= k
+    def narrow(a_bte_m, kernels, s_bte, bias_ed):
+        idx = jnp.nonzero(use, size=width, fill_value=0)[0]
+        keep = jnp.arange(width) < use.sum()  # slots past the union repeat expert 0: weight them 0
+        out = jnp.einsum("btw,wd->btd", jnp.where(keep, s_bte[..., idx], 0), bias_ed[idx].astype(cd))
+        for a, k in zip(a_bte_m, kernels, strict=True):
+            a_btwm = jnp.where(keep[:, None], jnp.take(a, idx, axis=2), 0)
+            out = out + jnp.einsum("btwm,wmd->btd", a_btwm, k.reshape(e, -1, k.shape[-1])[idx].astype(cd))
+        return out
 
+    def dense(a_bte_m, kernels, s_bte, bias_ed):
+        out = jnp.einsum("bte,ed->btd", s_bte, bias_ed.astype(cd))
+        for a, k in zip(a_bte_m, kernels, strict=True):
+            out = out + jnp.einsum("...i,io->...o", a.reshape(*a.shape[:2], -1), k.astype(cd))
+        return out
 
-def _select(g_nhe, k):
-    w_nhk, idx_nhk = jax.lax.top_k(g_nhe, k)
-    return w_nhk, idx_nhk
-
-
-def _up(x_nd, w_de, bias_e, idx_nhk, e: int, cd):
-    """``relu2`` of the ``u`` slices of the selected experts: ``[n, H, k, m]``."""
-    d = w_de.shape[0]
-    u_nhkdm = jnp.moveaxis(w_de.reshape(d, e, -1)[:, idx_nhk], 0, 3).astype(cd)
-    b_nhkm = bias_e.reshape(e, -1)[idx_nhk].astype(cd)
-    return relu2(jnp.einsum("nd,nhkdm->nhkm", x_nd.astype(cd), u_nhkdm) + b_nhkm)
-
-
-def _down(a_nh_m, w_ed, idx_nhk, e: int, cd, spec: str):
-    """Selected ``v`` slices applied to ``a`` (``spec``: ``nhm`` for a head mixture, ``nhkm`` per expert)."""
-    v_nhkmd = w_ed.reshape(e, -1, w_ed.shape[-1])[idx_nhk].astype(cd)
-    return jnp.einsum(f"{spec},nhkmd->nhkd", a_nh_m, v_nhkmd)
-
-
-def hd_sparse(x_nd, w, g1_nhi, g2_nhj, *, k: int, compute_dtype):
-    """The HD layer summed over each token's top-``k`` experts per head; ``w`` as ``reference.hd_layer_reference``."""
-    e, cd = w["b"].shape[0], compute_dtype
-    g1, g2 = g1_nhi.astype(cd), g2_nhj.astype(cd)
-
-    def sparse(x_nd, w, g1, g2):
-        w1, i1 = _select(g1, k)
-        w2, i2 = _select(g2, k)
-        y_nhm = jnp.einsum("nhk,nhkm->nhm", w1, _up(x_nd, w["u"], w["u_bias"], i1, e, cd))
-        out_nhkd = _down(y_nhm, w["v"], i2, e, cd, "nhm") + w["b"][i2].astype(cd)
-        return jnp.einsum("nhk,nhkd->nd", w2, out_nhkd)
-
-    def dense(x_nd, w, g1, g2):
-        return hd_layer_reference(x_nd.astype(cd), jax.tree.map(lambda a: a.astype(cd), w), g1, g2)
-
-    return jax.lax.cond(active_fits(g1_nhi, g2_nhj, k), sparse, dense, x_nd, w, g1, g2)
-
-
-def vd_sparse(x_nd, w, g1_nhi, g2_nhj, *, k: int, compute_dtype):
-    """The VD layer summed over each token's top-``k`` experts per head; ``w`` as ``reference.vd_layer_reference``.
-
-    Expert ``(i, j)`` adds ``g1_hi g2_hj [V11_i x1_i + V12_i x2_j + b1_i ; V21_j x1_i + V22_j x2_j + b2_j]``;
-    summed over ``j`` (resp. ``i``) the cross terms need only the head mixtures ``y2_h`` (resp. ``y1_h``)."""
-    e, cd = w["b1"].shape[0], compute_dtype
-    g1, g2 = g1_nhi.astype(cd), g2_nhj.astype(cd)
-
-    def sparse(x_nd, w, g1, g2):
-        w1, i1 = _select(g1, k)
-        w2, i2 = _select(g2, k)
-        x1_nhkm = _up(x_nd, w["u1"], w["u1_bias"], i1, e, cd)
-        x2_nhkm = _up(x_nd, w["u2"], w["u2_bias"], i2, e, cd)
-        y1_nhm = jnp.einsum("nhk,nhkm->nhm", w1, x1_nhkm)
-        y2_nhm = jnp.einsum("nhk,nhkm->nhm", w2, x2_nhkm)
-        top = (_down(x1_nhkm, w["v11"], i1, e, cd, "nhkm") + _down(y2_nhm, w["v12"], i1, e, cd, "nhm")
-               + w["b1"][i1].astype(cd))
-        bot = (_down(y1_nhm, w["v21"], i2, e, cd, "nhm") + _down(x2_nhkm, w["v22"], i2, e, cd, "nhkm")
-               + w["b2"][i2].astype(cd))
-        return jnp.concatenate([jnp.einsum("nhk,nhkd->nd", w1, top), jnp.einsum("nhk,nhkd->nd", w2, bot)], axis=-1)
-
-    def dense(x_nd, w, g1, g2):
-        return vd_layer_reference(x_nd.astype(cd), jax.tree.map(lambda a: a.astype(cd), w), g1, g2)
-
-    return jax.lax.cond(active_fits(g1_nhi, g2_nhj, k), sparse, dense, x_nd, w, g1, g2)
+    if width is None or width >= e:
+        return dense(a_bte_m, kernels, s_bte, bias_ed)
+    return jax.lax.cond(use.sum() <= width, narrow, dense, a_bte_m, kernels, s_bte, bias_ed)

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from monet_jax.config import MonetConfig
-from monet_jax.kernels import dispatch
+from monet_jax.kernels import dispatch, sparse
 from monet_jax.kernels import ops as kernel_ops
 from monet_jax.kernels.mixing import HD_ARRAYS, VD_ARRAYS
-from monet_jax.model.layers import Dense, param, relu2
+from monet_jax.model.layers import Dense, param, project, relu2
 from monet_jax.sharding import constrain
 
 EXPERT_ACT = ("batch", "seq", "experts", None)  # [b, t, E, m]: experts split like tensor-parallel hidden units
@@ -57,35 +57,37 @@ class VerticalExperts(nnx.Module):
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
-        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
-        Expert ``(i, j)`` outputs ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
-        b, t, _ = x_btd.shape
-        cd = self.compute_dtype
-        if (impl := _impl(self, b * t, g1_bthi, deleted)) != "xla":
-            w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
-            return kernel_ops.vertical(impl, x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
-        g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
-        x1_btim = constrain(relu2(self.u1(x_btd)).reshape(b, t, self.experts, self.half_dim), EXPERT_ACT)
-        x2_btjm = constrain(relu2(self.u2(x_btd)).reshape(b, t, self.experts, self.half_dim), EXPERT_ACT)
-        s1_bti, s2_btj = g1.sum(axis=2), g2.sum(axis=2)
-        # Cross flows contract one side over its experts first, then spread over the other side.
-        y2_bthm = jnp.einsum("bthj,btjm->bthm", g2, x2_btjm)
-        y1_bthm = jnp.einsum("bthi,btim->bthm", g1, x1_btim)
-        cross12_btim = jnp.einsum("bthm,bthi->btim", y2_bthm, g1)
-        cross21_btjm = jnp.einsum("bthm,bthj->btjm", y1_bthm, g2)
-        if deleted is not None:  # subtract the deleted experts' share of each flow
-            d_ij = deleted.astype(cd)
-            s1_bti = s1_bti - deleted_weight(g2, g1, d_ij.T)
-            s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
-            cross12_btim = cross12_btim - deleted_units(x2_btjm, g2, g1, d_ij.T)
-            cross21_btjm = cross21_btjm - deleted_units(x1_btim, g1, g2, d_ij)
-        top = (self.v11((x1_btim * s1_bti[..., None]).reshape(b, t, -1))
-               + self.v12(cross12_btim.reshape(b, t, -1))
-               + jnp.einsum("bti,id->btd", s1_bti, self.b1[...].astype(cd)))
-        bottom = (self.v21(cross21_btjm.reshape(b, t, -1))
-                  + self.v22((x2_btjm * s2_btj[..., None]).reshape(b, t, -1))
-                  + jnp.einsum("btj,jd->btd", s2_btj, self.b2[...].astype(cd)))
-        return jnp.concatenate([top, bottom], axis=-1)
+        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
+        return _run(self, vd_layer, ("u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2"), x_btd, g1_bthi, g2_bthj,
+                    deleted)
+
+
+def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
+    """The VD layer on the XLA path; ``w`` as ``kernels.ops.vertical``; ``width``: the sparse path's
+    number of experts gathered for the ``v`` projections. Expert ``(i, j)`` outputs
+    ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
+    b, t, _ = x_btd.shape
+    cd, e = compute_dtype, w["b1"].shape[0]
+    g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
+    x1_btim = constrain(relu2(project(x_btd, w["u1"], w["u1_bias"], cd)).reshape(b, t, e, -1), EXPERT_ACT)
+    x2_btjm = constrain(relu2(project(x_btd, w["u2"], w["u2_bias"], cd)).reshape(b, t, e, -1), EXPERT_ACT)
+    s1_bti, s2_btj = g1.sum(axis=2), g2.sum(axis=2)
+    # Cross flows contract one side over its experts first, then spread over the other side.
+    y2_bthm = jnp.einsum("bthj,btjm->bthm", g2, x2_btjm)
+    y1_bthm = jnp.einsum("bthi,btim->bthm", g1, x1_btim)
+    cross12_btim = jnp.einsum("bthm,bthi->btim", y2_bthm, g1)
+    cross21_btjm = jnp.einsum("bthm,bthj->btjm", y1_bthm, g2)
+    if deleted is not None:  # subtract the deleted experts' share of each flow
+        d_ij = deleted.astype(cd)
+        s1_bti = s1_bti - deleted_weight(g2, g1, d_ij.T)
+        s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
+        cross12_btim = cross12_btim - deleted_units(x2_btjm, g2, g1, d_ij.T)
+        cross21_btjm = cross21_btjm - deleted_units(x1_btim, g1, g2, d_ij)
+    top = sparse.project_experts([x1_btim * s1_bti[..., None], cross12_btim], [w["v11"], w["v12"]], s1_bti,
+                                 w["b1"], cd, width)
+    bottom = sparse.project_experts([cross21_btjm, x2_btjm * s2_btj[..., None]], [w["v21"], w["v22"]], s2_btj,
+                                    w["b2"], cd, width)
+    return jnp.concatenate([top, bottom], axis=-1)
 
 
 class HorizontalExperts(nnx.Module):
@@ -102,21 +104,23 @@ class HorizontalExperts(nnx.Module):
 
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
-        b, t, _ = x_btd.shape
-        cd = self.compute_dtype
-        if (impl := _impl(self, b * t, g1_bthi, deleted)) != "xla":
-            w = _weights(self, "u", "v", "b")
-            return kernel_ops.horizontal(impl, x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
-        g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
-        x_btim = constrain(relu2(self.u(x_btd)).reshape(b, t, self.experts, self.dim), EXPERT_ACT)
-        y_bthm = jnp.einsum("btim,bthi->bthm", x_btim, g1)
-        z_btjm = constrain(jnp.einsum("bthm,bthj->btjm", y_bthm, g2), EXPERT_ACT)
-        s2_btj = g2.sum(axis=2)
-        if deleted is not None:
-            d_ij = deleted.astype(cd)
-            z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
-            s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
-        return self.v(z_btjm.reshape(b, t, -1)) + jnp.einsum("btj,jd->btd", s2_btj, self.b[...].astype(cd))
+        return _run(self, hd_layer, ("u", "v", "b"), x_btd, g1_bthi, g2_bthj, deleted)
+
+
+def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
+    """The HD layer on the XLA path; ``w`` as ``kernels.ops.horizontal``; ``width`` as in ``vd_layer``."""
+    b, t, _ = x_btd.shape
+    cd, e = compute_dtype, w["b"].shape[0]
+    g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
+    x_btim = constrain(relu2(project(x_btd, w["u"], w["u_bias"], cd)).reshape(b, t, e, -1), EXPERT_ACT)
+    y_bthm = jnp.einsum("btim,bthi->bthm", x_btim, g1)
+    z_btjm = constrain(jnp.einsum("bthm,bthj->btjm", y_bthm, g2), EXPERT_ACT)
+    s2_btj = g2.sum(axis=2)
+    if deleted is not None:
+        d_ij = deleted.astype(cd)
+        z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
+        s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
+    return sparse.project_experts([z_btjm], [w["v"]], s2_btj, w["b"], cd, width)
 
 
 class DenseMLP(nnx.Module):
@@ -137,19 +141,26 @@ class DenseMLP(nnx.Module):
         return self.down_proj(relu2(self.up_proj(x_btd)))
 
 
-def _impl(layer, tokens: int, g_bthe, deleted) -> str:
-    """The ``moe_impl`` of this call (``kernels.dispatch``); an expert deletion mask runs on XLA."""
-    if layer.moe_impl == "xla":
-        return "xla"
-    if deleted is not None:
-        dispatch.warn_once(f"moe_impl={layer.moe_impl}: expert deletion masks run on the XLA path")
-        return "xla"
-    mixing = (layer.half_dim, VD_ARRAYS) if isinstance(layer, VerticalExperts) else (layer.dim, HD_ARRAYS)
-    return dispatch.choose(layer.moe_impl, tokens, g_bthe.shape[2], layer.experts, layer.sparse_k, mixing)
+def _run(layer, math, names: tuple[str, ...], x_btd, g1_bthi, g2_bthj, deleted):
+    """The layer through its ``moe_impl`` (``kernels.dispatch``); an expert deletion mask runs on XLA."""
+    b, t, _ = x_btd.shape
+    impl = layer.moe_impl
+    if impl != "xla" and deleted is not None:
+        dispatch.warn_once(f"moe_impl={impl}: expert deletion masks run on the XLA path")
+        impl = "xla"
+    if impl != "xla":
+        mixing = (layer.half_dim, VD_ARRAYS) if isinstance(layer, VerticalExperts) else (layer.dim, HD_ARRAYS)
+        impl = dispatch.choose(impl, b * t, g1_bthi.shape[2], layer.experts, layer.sparse_k, mixing)
+    w = _weights(layer, *names)
+    if impl == "pallas":
+        ops = kernel_ops.vertical if isinstance(layer, VerticalExperts) else kernel_ops.horizontal
+        return ops(x_btd, w, g1_bthi, g2_bthj, compute_dtype=layer.compute_dtype)
+    width = b * t * g1_bthi.shape[2] * layer.sparse_k if impl == "sparse" else None
+    return math(x_btd, w, g1_bthi, g2_bthj, deleted, compute_dtype=layer.compute_dtype, width=width)
 
 
 def _weights(layer, *names) -> dict:
-    """A layer's weights as arrays for ``kernels.ops``: ``{name}`` kernels and ``{name}_bias`` biases."""
+    """A layer's weights as arrays: ``{name}`` kernels and ``{name}_bias`` biases."""
     w = {}
     for name in names:
         v = getattr(layer, name)

@@ -33,12 +33,15 @@ class Dense(nnx.Module):
         self.compute_dtype = compute_dtype
 
     def __call__(self, x, *, out_dtype=None):
-        cd = self.compute_dtype
-        y = jnp.einsum("...i,io->...o", x.astype(cd), self.kernel[...].astype(cd),
-                       preferred_element_type=out_dtype)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+        bias = None if self.bias is None else self.bias[...]
+        return project(x, self.kernel[...], bias, self.compute_dtype, out_dtype)
+
+
+def project(x, kernel_io, bias_o, compute_dtype, out_dtype=None):
+    """``x @ kernel (+ bias)`` in the compute dtype (accumulating in ``out_dtype`` when given)."""
+    y = jnp.einsum("...i,io->...o", x.astype(compute_dtype), kernel_io.astype(compute_dtype),
+                   preferred_element_type=out_dtype)
+    return y if bias_o is None else y + bias_o.astype(y.dtype)
 
 
 class Embed(nnx.Module):

@@ -211,11 +211,13 @@ class MonetForCausalLM(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, param_dtype: str | None = None,
-                        compute_dtype: str | None = None) -> MonetForCausalLM:
-        """Load a Hugging Face checkpoint directory (any layout) or one of our Orbax checkpoints."""
+                        compute_dtype: str | None = None, moe_impl: str = "auto") -> MonetForCausalLM:
+        """Load a Hugging Face checkpoint directory (any layout) or one of our Orbax checkpoints, for
+        inference by default: ``moe_impl="auto"`` reads only the experts in use at small token counts."""
         from monet_jax.convert import hf
 
-        policy = {k: v for k, v in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)) if v}
+        policy = {k: v for k, v in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype),
+                                    ("moe_impl", moe_impl)) if v}
         config = hf.read_config(path, **policy)
         if hf.is_orbax_checkpoint(path):
             abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)

@@ -1,0 +1,57 @@
+"""Inference entry points as pure functions of a model split once, and what eval.py scores by default."""
+
+import numpy as np
+from flax import nnx
+
+from monet_jax import MonetForCausalLM
+from monet_jax.config import MonetConfig
+from monet_jax.data.sources import open_documents
+from monet_jax.data.tokenizer import load_tokenizer
+from monet_jax.eval.corpus import perplexity
+from monet_jax.eval.main import held_out_documents
+from monet_jax.eval.main import main as eval_main
+from monet_jax.model.pure import PureModel
+
+CFG = MonetConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=128, moe_dim=4, moe_heads=2, moe_experts=16, moe_topk=3,
+                  moe_groups=2, torch_dtype="float32")
+
+
+def _last_logits(model, ids_bt):
+    return model(ids_bt).logits[:, -1]
+
+
+def test_calls_after_the_first_never_touch_the_module_graph(monkeypatch):
+    """After compilation a call passes the split state's leaves to ``jax.jit``: NNX's split, merge and
+    graph walk are not run again, which is where ``nnx.jit`` spends its per-call time."""
+    model = MonetForCausalLM(CFG, rngs=nnx.Rngs(0))
+    ids = np.array([[1, 5, 7, 9]], np.int32)
+    want = np.asarray(model(ids).logits)[:, -1]
+    call = PureModel(model).jit(_last_logits)
+    np.testing.assert_allclose(np.asarray(call(ids)), want, atol=1e-5, rtol=1e-5)
+
+    def fail(*a, **k):
+        raise AssertionError("the module graph was walked on a call")
+
+    for name in ("split", "merge", "state", "graphdef"):
+        monkeypatch.setattr(nnx, name, fail)
+    monkeypatch.setattr(nnx.graph, "flatten", fail)
+    monkeypatch.setattr(nnx.graph, "unflatten", fail)
+    for _ in range(3):
+        np.testing.assert_allclose(np.asarray(call(ids)), want, atol=1e-5, rtol=1e-5)
+
+
+def test_perplexity_without_data_scores_the_held_out_documents(tmp_path, capsys):
+    """The default training run (seed 0, val_fraction 0.05) holds out these documents of the embedded
+    corpus; ``eval.py perplexity`` without ``--data`` scores exactly them."""
+    docs = open_documents(None, "auto", "text")
+    n = len(docs)
+    held = np.sort(np.random.default_rng(0).permutation(n)[:max(1, round(n * 0.05))])
+    assert held_out_documents() == [docs[int(i)] for i in held]
+    MonetForCausalLM(CFG, rngs=nnx.Rngs(0)).save_checkpoint(tmp_path / "ckpt")
+    assert eval_main(["perplexity", str(tmp_path / "ckpt"), "--max-batches", "2", "--seq-len", "32"]) == 0
+    printed = capsys.readouterr().out
+    model = MonetForCausalLM.from_pretrained(tmp_path / "ckpt")
+    r = perplexity(model, load_tokenizer("byte"), [docs[int(i)] for i in held], seq_len=32, max_batches=2,
+                   progress=False)
+    assert f"loss {r['loss']:.4f}" in printed and f"tokens {r['tokens']:,}" in printed
