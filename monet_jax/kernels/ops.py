@@ -1,14 +1,12 @@
-"""Layer-level entry points the model calls for ``moe_impl`` ``pallas`` and ``sparse`` (arrays in, arrays out).
-
-The ``u``/``v`` projections stay XLA matmuls computed like :class:`~monet_jax.model.layers.Dense`; the
-kernels replace what lies between them. Under an active mesh each kernel runs per batch shard.
+"""Entry points the model calls for the kernels: the fused router, the mixing function of each ``moe_impl``,
+and the sparse layers (arrays in, arrays out). Under an active mesh each Pallas kernel runs per batch shard.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from monet_jax.kernels import dispatch, sparse
+from monet_jax.kernels import dispatch, lanes, sparse
 from monet_jax.kernels.mixing import hd_mix, vd_mix
 from monet_jax.kernels.router import fused_router
 
@@ -21,52 +19,29 @@ def router_probs(z_bthe, mean_h, var_h, sigma: float, eps: float):
     return dispatch.partitioned(run, (True, False, False), (True,))(z_bthe.astype(jnp.float32), mean_h, var_h)
 
 
-def _dense(x, w, bias, cd):
-    y = jnp.einsum("...i,io->...o", x.astype(cd), w.astype(cd))
-    return y if bias is None else y + bias.astype(y.dtype)
-
-
 def _tokens(a):
     return a.reshape(-1, *a.shape[2:])
 
 
-def horizontal(impl: str, x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype, k: int):
-    """HD layer; ``w``: ``u`` [d, E*m], ``u_bias`` [E*m], ``v`` [E*m, d], ``b`` [E, d]."""
-    b, t, d = x_btd.shape
-    e, cd = w["b"].shape[0], compute_dtype
-    if impl == "sparse":
-        out = sparse.hd_sparse(_tokens(x_btd), w, _tokens(g1_bthi), _tokens(g2_bthj), k=k, compute_dtype=cd)
-        return out.reshape(b, t, -1)
-    p_btim = _dense(x_btd, w["u"], w["u_bias"], cd).reshape(b, t, e, -1)
-    mix = dispatch.partitioned(lambda p, g1, g2: hd_mix(_tokens(p), _tokens(g1), _tokens(g2)).reshape(p.shape),
-                               (True,) * 3, (True,))
-    z_btjm = mix(p_btim, g1_bthi, g2_bthj)
-    s2_btj = g2_bthj.astype(cd).sum(axis=2)
-    return _dense(z_btjm.reshape(b, t, -1), w["v"], None, cd) + jnp.einsum("btj,jd->btd", s2_btj, w["b"].astype(cd))
+def mixer(impl: str, vertical: bool):
+    """The mixing function of the lane-dense layer (:mod:`monet_jax.kernels.lanes` arrays in and out):
+    the Pallas kernels per batch shard for ``pallas``, the same math as XLA fusions for ``xla``."""
+    if impl == "xla":
+        return lanes.vd_mix_lanes if vertical else lanes.hd_mix_lanes
+    n_in, n_out = (4, 2) if vertical else (3, 1)
+    return dispatch.partitioned(vd_mix if vertical else hd_mix, (True,) * n_in, (True,) * n_out)
 
 
-def vertical(impl: str, x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype, k: int):
-    """VD layer; ``w``: ``u1``/``u2`` [d, E*m/2] (+ ``_bias``), ``v11`` ... ``v22`` [E*m/2, d/2],
-    ``b1``/``b2`` [E, d/2]."""
-    b, t, d = x_btd.shape
-    e, cd = w["b1"].shape[0], compute_dtype
-    if impl == "sparse":
-        out = sparse.vd_sparse(_tokens(x_btd), w, _tokens(g1_bthi), _tokens(g2_bthj), k=k, compute_dtype=cd)
-        return out.reshape(b, t, -1)
-    p1 = _dense(x_btd, w["u1"], w["u1_bias"], cd).reshape(b, t, e, -1)
-    p2 = _dense(x_btd, w["u2"], w["u2_bias"], cd).reshape(b, t, e, -1)
+def horizontal_sparse(x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype, k: int):
+    """HD layer on the sparse path; ``w``: ``u`` [d, E*m], ``u_bias`` [E*m], ``v`` [E*m, d], ``b`` [E, d]."""
+    b, t, _ = x_btd.shape
+    out = sparse.hd_sparse(_tokens(x_btd), w, _tokens(g1_bthi), _tokens(g2_bthj), k=k, compute_dtype=compute_dtype)
+    return out.reshape(b, t, -1)
 
-    def run(p1, p2, g1, g2):
-        top, bot = vd_mix(_tokens(p1), _tokens(p2), _tokens(g1), _tokens(g2))
-        return top.reshape(*p1.shape[:2], *top.shape[1:]), bot.reshape(*p1.shape[:2], *bot.shape[1:])
 
-    top_btkim, bot_btkjm = dispatch.partitioned(run, (True,) * 4, (True, True))(p1, p2, g1_bthi, g2_bthj)
-    m = p1.shape[-1]
-
-    def half(a_btkem, first, second):  # one matmul over both flows: [v_first; v_second] stacked
-        w_kemd = jnp.stack([w[first], w[second]]).reshape(2, e, m, -1).astype(cd)
-        return jnp.einsum("btkem,kemd->btd", a_btkem, w_kemd)
-
-    top = half(top_btkim, "v11", "v12") + jnp.einsum("bti,id->btd", g1_bthi.astype(cd).sum(axis=2), w["b1"].astype(cd))
-    bot = half(bot_btkjm, "v21", "v22") + jnp.einsum("btj,jd->btd", g2_bthj.astype(cd).sum(axis=2), w["b2"].astype(cd))
-    return jnp.concatenate([top, bot], axis=-1)
+def vertical_sparse(x_btd, w: dict, g1_bthi, g2_bthj, *, compute_dtype, k: int):
+    """VD layer on the sparse path; ``w``: ``u1``/``u2`` [d, E*m/2] (+ ``_bias``), ``v11`` ... ``v22``
+    [E*m/2, d/2], ``b1``/``b2`` [E, d/2]."""
+    b, t, _ = x_btd.shape
+    out = sparse.vd_sparse(_tokens(x_btd), w, _tokens(g1_bthi), _tokens(g2_bthj), k=k, compute_dtype=compute_dtype)
+    return out.reshape(b, t, -1)

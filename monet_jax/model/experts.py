@@ -11,13 +11,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from monet_jax.config import MonetConfig
-from monet_jax.kernels import dispatch
+from monet_jax.kernels import dispatch, lanes
 from monet_jax.kernels import ops as kernel_ops
-from monet_jax.kernels.mixing import HD_ARRAYS, VD_ARRAYS
 from monet_jax.model.layers import Dense, param, relu2
 from monet_jax.sharding import constrain
 
 EXPERT_ACT = ("batch", "seq", "experts", None)  # [b, t, E, m]: experts split like tensor-parallel hidden units
+LANES_ACT = ("batch", None, "experts", "seq")  # [b, m, E, t]: the lane-dense layout (kernels.lanes)
 
 
 class ExpertDeletion(nnx.Variable):
@@ -61,9 +61,12 @@ class VerticalExperts(nnx.Module):
         Expert ``(i, j)`` outputs ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
-        if (impl := _impl(self, b * t, g1_bthi, deleted)) != "xla":
-            w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
-            return kernel_ops.vertical(impl, x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
+        if deleted is None:
+            if (impl := _impl(self, b * t, g1_bthi)) == "sparse":
+                w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
+                return kernel_ops.vertical_sparse(x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
+            return self._lanes(impl, x_btd, g1_bthi, g2_bthj)
+        _masked(self)
         g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
         x1_btim = constrain(relu2(self.u1(x_btd)).reshape(b, t, self.experts, self.half_dim), EXPERT_ACT)
         x2_btjm = constrain(relu2(self.u2(x_btd)).reshape(b, t, self.experts, self.half_dim), EXPERT_ACT)
@@ -73,12 +76,11 @@ class VerticalExperts(nnx.Module):
         y1_bthm = jnp.einsum("bthi,btim->bthm", g1, x1_btim)
         cross12_btim = jnp.einsum("bthm,bthi->btim", y2_bthm, g1)
         cross21_btjm = jnp.einsum("bthm,bthj->btjm", y1_bthm, g2)
-        if deleted is not None:  # subtract the deleted experts' share of each flow
-            d_ij = deleted.astype(cd)
-            s1_bti = s1_bti - deleted_weight(g2, g1, d_ij.T)
-            s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
-            cross12_btim = cross12_btim - deleted_units(x2_btjm, g2, g1, d_ij.T)
-            cross21_btjm = cross21_btjm - deleted_units(x1_btim, g1, g2, d_ij)
+        d_ij = deleted.astype(cd)  # subtract the deleted experts' share of each flow
+        s1_bti = s1_bti - deleted_weight(g2, g1, d_ij.T)
+        s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
+        cross12_btim = cross12_btim - deleted_units(x2_btjm, g2, g1, d_ij.T)
+        cross21_btjm = cross21_btjm - deleted_units(x1_btim, g1, g2, d_ij)
         top = (self.v11((x1_btim * s1_bti[..., None]).reshape(b, t, -1))
                + self.v12(cross12_btim.reshape(b, t, -1))
                + jnp.einsum("bti,id->btd", s1_bti, self.b1[...].astype(cd)))
@@ -86,6 +88,21 @@ class VerticalExperts(nnx.Module):
                   + self.v22((x2_btjm * s2_btj[..., None]).reshape(b, t, -1))
                   + jnp.einsum("btj,jd->btd", s2_btj, self.b2[...].astype(cd)))
         return jnp.concatenate([top, bottom], axis=-1)
+
+    def _lanes(self, impl: str, x_btd, g1_bthi, g2_bthj):
+        """The layer in the lane-dense layout of :mod:`monet_jax.kernels.lanes` (``impl``: xla or pallas)."""
+        cd, e, m = self.compute_dtype, self.experts, self.half_dim
+        g1, g2 = lanes.probs_to_lanes(g1_bthi, cd), lanes.probs_to_lanes(g2_bthj, cd)
+        p1 = constrain(lanes.up(x_btd, self.u1.kernel[...], self.u1.bias[...], e, cd), LANES_ACT)
+        p2 = constrain(lanes.up(x_btd, self.u2.kernel[...], self.u2.bias[...], e, cd), LANES_ACT)
+        top, bot = kernel_ops.mixer(impl, vertical=True)(p1, p2, g1, g2)
+
+        def half(a, first, second, s_bet, bias):
+            w = jnp.stack([getattr(self, first).kernel[...], getattr(self, second).kernel[...]]).reshape(2, e, m, -1)
+            return lanes.down(a, w, cd) + jnp.einsum("bet,ed->btd", s_bet, bias[...].astype(cd))
+
+        return jnp.concatenate([half(top, "v11", "v12", g1.sum(axis=1), self.b1),
+                                half(bot, "v21", "v22", g2.sum(axis=1), self.b2)], axis=-1)
 
 
 class HorizontalExperts(nnx.Module):
@@ -104,18 +121,23 @@ class HorizontalExperts(nnx.Module):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
-        if (impl := _impl(self, b * t, g1_bthi, deleted)) != "xla":
-            w = _weights(self, "u", "v", "b")
-            return kernel_ops.horizontal(impl, x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
+        if deleted is None:
+            if (impl := _impl(self, b * t, g1_bthi)) == "sparse":
+                w = _weights(self, "u", "v", "b")
+                return kernel_ops.horizontal_sparse(x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
+            g1, g2 = lanes.probs_to_lanes(g1_bthi, cd), lanes.probs_to_lanes(g2_bthj, cd)
+            p = constrain(lanes.up(x_btd, self.u.kernel[...], self.u.bias[...], self.experts, cd), LANES_ACT)
+            z = kernel_ops.mixer(impl, vertical=False)(p, g1, g2)
+            w = self.v.kernel[...].reshape(self.experts, self.dim, -1)
+            return lanes.down(z, w, cd) + jnp.einsum("bet,ed->btd", g2.sum(axis=1), self.b[...].astype(cd))
+        _masked(self)
         g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
         x_btim = constrain(relu2(self.u(x_btd)).reshape(b, t, self.experts, self.dim), EXPERT_ACT)
         y_bthm = jnp.einsum("btim,bthi->bthm", x_btim, g1)
         z_btjm = constrain(jnp.einsum("bthm,bthj->btjm", y_bthm, g2), EXPERT_ACT)
-        s2_btj = g2.sum(axis=2)
-        if deleted is not None:
-            d_ij = deleted.astype(cd)
-            z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
-            s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
+        d_ij = deleted.astype(cd)
+        z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
+        s2_btj = g2.sum(axis=2) - deleted_weight(g1, g2, d_ij)
         return self.v(z_btjm.reshape(b, t, -1)) + jnp.einsum("btj,jd->btd", s2_btj, self.b[...].astype(cd))
 
 
@@ -137,15 +159,17 @@ class DenseMLP(nnx.Module):
         return self.down_proj(relu2(self.up_proj(x_btd)))
 
 
-def _impl(layer, tokens: int, g_bthe, deleted) -> str:
-    """The ``moe_impl`` of this call (``kernels.dispatch``); an expert deletion mask runs on XLA."""
+def _impl(layer, tokens: int, g_bthe) -> str:
+    """The ``moe_impl`` of this call: ``xla``, ``pallas`` or ``sparse`` (``kernels.dispatch``)."""
     if layer.moe_impl == "xla":
         return "xla"
-    if deleted is not None:
-        dispatch.warn_once(f"moe_impl={layer.moe_impl}: expert deletion masks run on the XLA path")
-        return "xla"
-    mixing = (layer.half_dim, VD_ARRAYS) if isinstance(layer, VerticalExperts) else (layer.dim, HD_ARRAYS)
-    return dispatch.choose(layer.moe_impl, tokens, g_bthe.shape[2], layer.experts, layer.sparse_k, mixing)
+    return dispatch.choose(layer.moe_impl, tokens, g_bthe.shape[2], layer.experts, layer.sparse_k)
+
+
+def _masked(layer) -> None:
+    """An expert deletion mask runs on the ``[b, t, E, m]`` einsums of DESIGN section 1."""
+    if layer.moe_impl != "xla":
+        dispatch.warn_once(f"moe_impl={layer.moe_impl}: expert deletion masks run on the XLA einsum path")
 
 
 def _weights(layer, *names) -> dict:

@@ -37,15 +37,9 @@ def _topology_env(topology: str, megacore: bool) -> tuple[str, int]:
     return f"{gen}-{cores}", chips
 
 
-def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
-    """Lower and compile the train step of ``cfg`` for ``topology``; returns the figures."""
-    import jax
-    from flax import nnx
+def tpu_devices(topology: str, *, per_core: bool = False):
+    """``(devices, chips, megacore)`` of a TPU topology, compiled for on this (CPU) host through libtpu."""
     from jax.experimental import topologies
-
-    from monet_jax import sharding
-    from monet_jax.train import metrics as M
-    from monet_jax.train.step import BATCH_KEYS, TrainState, _build
 
     gen = topology.split(":")[0]
     megacore = gen in MEGACORE and not per_core
@@ -55,8 +49,20 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no TPU to guard with a lockfile
     kwargs = {"chip_config_name": "megacore"} if megacore else {}
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
-    devices = topo.devices
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices, chips, megacore
+
+
+def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
+    """Lower and compile the train step of ``cfg`` for ``topology``; returns the figures."""
+    import jax
+    from flax import nnx
+
+    from monet_jax import sharding
+    from monet_jax.train import metrics as M
+    from monet_jax.train.step import BATCH_KEYS, TrainState, _build
+
+    gen = topology.split(":")[0]
+    devices, chips, megacore = tpu_devices(topology, per_core=per_core)
     mesh = sharding.make_mesh(cfg.mesh, devices)
 
     cfg = dataclasses.replace(cfg, init_from=None)  # only shapes matter here
