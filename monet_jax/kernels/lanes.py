@@ -24,21 +24,30 @@ import jax.numpy as jnp
 f32 = jnp.float32
 
 
+def _head(a, h: int):
+    return a[..., h, :, :].astype(f32)
+
+
 def mix(g_hEt, x_mEt):
     """``y[h, m, 1, t] = sum_e g[h, e, t] x[m, e, t]`` (leading batch dimensions allowed; the unit
-    sublane axis lets ``y`` broadcast back over experts without a relayout inside a kernel)."""
-    return jnp.sum(g_hEt[..., :, None, :, :].astype(f32) * x_mEt[..., None, :, :, :].astype(f32), axis=-2,
-                   keepdims=True)
+    sublane axis lets ``y`` broadcast back over experts without a relayout inside a kernel). One head at
+    a time, so no ``[H, m, E, t]`` product is ever formed."""
+    x = x_mEt.astype(f32)
+    return jnp.stack([jnp.sum(_head(g_hEt, h)[..., None, :, :] * x, axis=-2, keepdims=True)
+                      for h in range(g_hEt.shape[-3])], axis=-4)
 
 
 def spread(g_hEt, y_hm1t):
     """``x[m, e, t] = sum_h g[h, e, t] y[h, m, t]``."""
-    return jnp.sum(g_hEt[..., :, None, :, :].astype(f32) * y_hm1t.astype(f32), axis=-4)
+    heads = range(g_hEt.shape[-3])
+    return sum(_head(g_hEt, h)[..., None, :, :] * y_hm1t[..., h, :, :, :].astype(f32) for h in heads)
 
 
 def inner(y_hm1t, x_mEt):
     """``g[h, e, t] = sum_m y[h, m, t] x[m, e, t]``."""
-    return jnp.sum(y_hm1t.astype(f32) * x_mEt[..., None, :, :, :].astype(f32), axis=-3)
+    x = x_mEt.astype(f32)
+    return jnp.stack([jnp.sum(y_hm1t[..., h, :, :, :].astype(f32) * x, axis=-3)
+                      for h in range(y_hm1t.shape[-4])], axis=-3)
 
 
 def heads_sum(g_hEt):

@@ -40,6 +40,15 @@ def _sizes(e: int, t: int, per_expert_token: int) -> tuple[int, int]:
     return (max(fits) if fits else (16 if e % 16 == 0 else e)), tb
 
 
+def footprint(chunked, outs, reduce: bool) -> int:
+    """VMEM bytes per (expert, token) of a block: double-buffered inputs and outputs, and float32
+    temporaries (a dozen of the widest ``[m, e, t]`` / ``[H, e, t]`` values; contractions go one head
+    at a time)."""
+    per = sum(2 * math.prod(a.shape[1:-2]) * jnp.dtype(a.dtype).itemsize for a in chunked)
+    per += 0 if reduce else sum(2 * math.prod(lead) * jnp.dtype(dt).itemsize for lead, dt in outs)
+    return per + 4 * 12 * max(math.prod(a.shape[1:-2]) for a in chunked)
+
+
 def _kernel(fn, n_in: int, reduce: bool):
     def body(*refs):
         ins, outs = refs[:n_in], refs[n_in:]
@@ -70,11 +79,7 @@ def lanes_call(fn, chunked, sums, outs, *, name: str, reduce: bool = False):
     float32 (whole over experts). ``outs``: ``(lead, dtype)`` per output, ``[b, *lead, E, t]``; with
     ``reduce``, ``[b, *lead, 1, t]`` sums over the expert chunks instead."""
     b, e, t = chunked[0].shape[0], chunked[0].shape[-2], chunked[0].shape[-1]
-    per = sum(2 * math.prod(a.shape[1:-2]) * a.dtype.itemsize for a in chunked)
-    per += 0 if reduce else sum(2 * math.prod(lead) * jnp.dtype(dt).itemsize for lead, dt in outs)
-    widest = max(math.prod(a.shape[1:-2]) for a in chunked)
-    per += 4 * (2 * widest * widest + 16 * widest)  # float32 temporaries: [H, m, e, t] products and [m, e, t]
-    ec, tb = _sizes(e, t, per)
+    ec, tb = _sizes(e, t, footprint(chunked, outs, reduce))
     tpad = -(-t // tb) * tb
     pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tpad - t)]) if tpad != t else a  # noqa: E731
 

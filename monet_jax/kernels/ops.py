@@ -12,11 +12,15 @@ from monet_jax.kernels.router import fused_router
 
 
 def router_probs(z_bthe, mean_h, var_h, sigma: float, eps: float):
-    """``g`` ``[b, t, H, E]`` float32 from raw logits and the (global) BatchNorm statistics."""
+    """``g`` ``[b, t, H, E]`` float32 from raw logits and the (global) BatchNorm statistics, with the
+    kernel's token sums for the aux losses: ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]``."""
     def run(z, mean, var):
-        return fused_router(z.reshape(-1, *z.shape[2:]), mean, var, sigma, eps).reshape(z.shape)
+        g, col, amb = fused_router(z.reshape(-1, *z.shape[2:]), mean, var, sigma, eps, True)
+        return g.reshape(z.shape), col[None], amb[None]  # per shard; summed over shards below
 
-    return dispatch.partitioned(run, (True, False, False), (True,))(z_bthe.astype(jnp.float32), mean_h, var_h)
+    g, col, amb = dispatch.partitioned(run, (True, False, False), (True, True, True))(
+        z_bthe.astype(jnp.float32), mean_h, var_h)
+    return g, col.sum(axis=0), amb.sum(axis=0)
 
 
 def _tokens(a):

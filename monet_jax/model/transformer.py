@@ -25,6 +25,7 @@ RESIDUAL = ("batch", "seq", "act_embed")
 class CausalLMOutput:
     logits: jax.Array  # [b, t, vocab] float32
     router_probs: tuple[tuple[jax.Array, jax.Array], ...] | None = None  # per routing group: (g1, g2)
+    router_sums: tuple | None = None  # per routing group: the aux-loss token sums of Router.route
 
 
 class DecoderLayer(nnx.Module):
@@ -43,7 +44,7 @@ class DecoderLayer(nnx.Module):
             self.router = None
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, probs):
-        """``probs`` is the (g1, g2) of the routing group's first layer; returns (x, probs)."""
+        """``probs`` is the (g1, g2, sums) of the routing group's first layer; returns (x, probs)."""
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask_btt)
         return self._mlp(x_btd, probs)
 
@@ -57,9 +58,9 @@ class DecoderLayer(nnx.Module):
         if not hasattr(self, "moe"):
             return x_btd + self.mlp(h_btd), None
         if self.router is not None:
-            probs = self.router(h_btd)
+            probs = self.router.route(h_btd)
         deleted = None if self.deleted is None else self.deleted[...]
-        return x_btd + self.moe(h_btd, *probs, deleted=deleted), probs
+        return x_btd + self.moe(h_btd, probs[0], probs[1], deleted=deleted), probs
 
 
 class MonetModel(nnx.Module):
@@ -168,7 +169,10 @@ class MonetForCausalLM(nnx.Module):
         hidden_btd, probs = self.model(jnp.asarray(input_ids), attention_mask, position_ids, segment_ids)
         logits = self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
-        return CausalLMOutput(logits=logits, router_probs=probs if output_router_probs else None)
+        if not output_router_probs:
+            return CausalLMOutput(logits=logits)
+        return CausalLMOutput(logits=logits, router_probs=tuple(p[:2] for p in probs),
+                              router_sums=tuple(p[2] for p in probs))
 
     # -- decoding ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:

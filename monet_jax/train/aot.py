@@ -3,8 +3,9 @@
     python tools/aot_compile.py --config configs/monet-vd-1.4b.yaml --topology v4:4x4x2 \\
         data.batch_size=1024 data.seq_len=2048 mesh.data=1 mesh.fsdp=-1 model.remat=group optim.grad_accum=4
 
-Prints per-device memory (against the chip's HBM) and the compiler's cost analysis: FLOPs, bytes,
-its estimated step time, and the MFU that estimate implies for the model FLOPs of the config.
+Prints per-device memory (against the chip's HBM) and the compiler's cost analysis: FLOPs, bytes (plus
+the operand and result bytes of Pallas kernels, which the compiler does not count), its estimated step
+time, the MFU that estimate implies for the model FLOPs of the config, and a table of where the bytes go.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 import os
 import sys
 import time
+
+from monet_jax.train import hlo_bytes
 
 # v4 and v5p chips run as one "megacore" device (two TensorCores); HBM per JAX device in that mode.
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32, "v3": 16, "v2": 8}
@@ -105,6 +108,10 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     cost = dict(cost[0] if isinstance(cost, list | tuple) else cost)
     for key in ("flops", "bytes accessed", "optimal_seconds"):
         cost[key] = float(cost.get(key, float("nan"))) * accum * pieces
+    # The cost analysis counts no traffic for a Pallas kernel (a custom call): charge each its operand
+    # and result bytes from the HLO shapes, so moving work into kernels cannot hide bytes.
+    ops = hlo_bytes.instruction_bytes(cost_compiled.as_text())
+    kernel_bytes = hlo_bytes.kernel_bytes(ops) * accum * pieces
     per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
         - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
     hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
@@ -112,7 +119,8 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     model_flops = tokens * M.train_flops_per_token(cfg.model, cfg.data.seq_len)
     share = 2 if gen in MEGACORE and per_core else 1  # a per-core device has half a chip
     peak = (M.peak_flops(devices[0]) or float("nan")) / share
-    flops, nbytes = float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
+    flops, compiler_bytes = float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
+    nbytes = compiler_bytes + kernel_bytes
     # The compiler's own estimate when it gives one; otherwise a roofline of its FLOP and byte counts.
     seconds = float(cost.get("optimal_seconds", float("nan")))
     estimate = "compiler"
@@ -126,7 +134,9 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
                               "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
                               "code": mem.generated_code_size_in_bytes, "total": per_device},
         "hbm_per_device": int(hbm), "fits": per_device <= hbm,
-        "compiler_flops_per_device": flops, "compiler_bytes_per_device": nbytes,
+        "compiler_flops_per_device": flops, "compiler_bytes_per_device": compiler_bytes,
+        "kernel_bytes_per_device": kernel_bytes, "bytes_per_device": nbytes,
+        "bytes_table": hlo_bytes.table(ops, top=15, scale=accum * pieces),
         "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
         "estimated_step_seconds": seconds, "step_time_estimate": estimate,
         "model_flops_per_step": model_flops,
@@ -154,13 +164,17 @@ def _report(r: dict) -> str:
         f"{gib(m['temporaries'])}, aliased {gib(m['aliased'])}, code {gib(m['code'])}",
         f"  total {gib(m['total'])} of {gib(r['hbm_per_device'])} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
         f"compiler cost per device (loops unrolled, {r['cost_pieces_per_step']} pieces per step): "
-        f"{r['compiler_flops_per_device']:.4g} FLOPs, "
-        f"{r['compiler_bytes_per_device']:.4g} bytes accessed",
+        f"{r['compiler_flops_per_device']:.4g} FLOPs, {r['bytes_per_device']:.4g} bytes accessed "
+        f"({r['compiler_bytes_per_device']:.4g} counted by the compiler + {r['kernel_bytes_per_device']:.4g} "
+        f"operand/result bytes of Pallas kernels)",
         f"estimated step time {r['estimated_step_seconds']:.3f}s ("
         + ("the compiler's estimate" if r["step_time_estimate"] == "compiler" else
            f"roofline of the counts above; the compiler's optimal_seconds was {r['compiler_optimal_seconds']:.4g}")
         + f"); model FLOPs per step {r['model_flops_per_step']:.4g}"
         + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
+        "where the bytes go (per device and step, top-level HLO instructions of the same kind and shapes, "
+        "operand + result bytes with tile padding; the compiler's own count may differ per instruction):",
+        r["bytes_table"],
     ]
     return "\n".join(lines)
 

@@ -60,6 +60,16 @@ def _split_shape(rest: str) -> tuple[str, str]:
     return shape, remainder
 
 
+def _until_close(args: str) -> str:
+    """The text of an operand list up to its closing parenthesis."""
+    depth = 1
+    for i, ch in enumerate(args):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return args[:i]
+    return args
+
+
 @dataclasses.dataclass
 class Instruction:
     name: str
@@ -84,12 +94,7 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str | None]:
             continue
         shape, rest = _split_shape(m.group(2))
         opcode, _, args = rest.partition("(")
-        depth, end = 1, 0
-        for end, ch in enumerate(args):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                break
-        operands = re.findall(r"%([\w.\-]+)", args[:end])
+        operands = re.findall(r"%([\w.\-]+)", _until_close(args))
         comps[current].append(Instruction(m.group(1), opcode.strip(), shape, operands, line))
     return comps, entry
 
