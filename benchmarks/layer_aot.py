@@ -27,6 +27,7 @@ from flax import nnx  # noqa: E402
 
 from monet_jax import sharding  # noqa: E402
 from monet_jax.config import MonetConfig  # noqa: E402
+from monet_jax.kernels.lanes import probs_to_lanes  # noqa: E402
 from monet_jax.model.experts import DenseMLP, make_experts  # noqa: E402
 from monet_jax.model.router import Router  # noqa: E402
 from monet_jax.train import aot, hlo_bytes  # noqa: E402
@@ -43,9 +44,14 @@ class Group(nnx.Module):
         self.layers = nnx.List([make(cfg, **kw) for _ in range(cfg.moe_groups)])
 
     def __call__(self, x):
-        probs = self.router(x) if self.router is not None else ()
+        if self.router is None:
+            for layer in self.layers:
+                x = x + layer(x)
+            return x
+        g1, g2 = self.router(x)
+        mixing_layout = tuple(probs_to_lanes(g, self.layers[0].compute_dtype) for g in (g1, g2))
         for layer in self.layers:
-            x = x + layer(x, *probs)
+            x = x + layer(x, g1, g2, lanes_probs=mixing_layout)
         return x
 
 

@@ -56,8 +56,9 @@ class VerticalExperts(nnx.Module):
         self.b2 = param(jnp.zeros((e, d // 2), param_dtype), ("experts", "embed"))
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
+        ``lanes_probs``: ``(g1, g2)`` already in the lane-dense layout (made once per routing group).
         Expert ``(i, j)`` outputs ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
@@ -65,7 +66,7 @@ class VerticalExperts(nnx.Module):
             if (impl := _impl(self, b * t, g1_bthi)) == "sparse":
                 w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
                 return kernel_ops.vertical_sparse(x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
-            return self._lanes(impl, x_btd, g1_bthi, g2_bthj)
+            return self._lanes(impl, x_btd, *(lanes_probs or _to_lanes(g1_bthi, g2_bthj, cd)))
         _masked(self)
         g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
         x1_btim = constrain(relu2(self.u1(x_btd)).reshape(b, t, self.experts, self.half_dim), EXPERT_ACT)
@@ -89,10 +90,9 @@ class VerticalExperts(nnx.Module):
                   + jnp.einsum("btj,jd->btd", s2_btj, self.b2[...].astype(cd)))
         return jnp.concatenate([top, bottom], axis=-1)
 
-    def _lanes(self, impl: str, x_btd, g1_bthi, g2_bthj):
+    def _lanes(self, impl: str, x_btd, g1, g2):
         """The layer in the lane-dense layout of :mod:`monet_jax.kernels.lanes` (``impl``: xla or pallas)."""
         cd, e, m = self.compute_dtype, self.experts, self.half_dim
-        g1, g2 = lanes.probs_to_lanes(g1_bthi, cd), lanes.probs_to_lanes(g2_bthj, cd)
         p1 = constrain(lanes.up(x_btd, self.u1.kernel[...], self.u1.bias[...], e, cd), LANES_ACT)
         p2 = constrain(lanes.up(x_btd, self.u2.kernel[...], self.u2.bias[...], e, cd), LANES_ACT)
         top, bot = kernel_ops.mixer(impl, vertical=True)(p1, p2, g1, g2)
@@ -117,15 +117,16 @@ class HorizontalExperts(nnx.Module):
         self.b = param(jnp.zeros((e, d), param_dtype), ("experts", "embed"))
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
-        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None):
+        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
+        ``lanes_probs``: ``(g1, g2)`` already in the lane-dense layout (made once per routing group)."""
         b, t, _ = x_btd.shape
         cd = self.compute_dtype
         if deleted is None:
             if (impl := _impl(self, b * t, g1_bthi)) == "sparse":
                 w = _weights(self, "u", "v", "b")
                 return kernel_ops.horizontal_sparse(x_btd, w, g1_bthi, g2_bthj, compute_dtype=cd, k=self.sparse_k)
-            g1, g2 = lanes.probs_to_lanes(g1_bthi, cd), lanes.probs_to_lanes(g2_bthj, cd)
+            g1, g2 = lanes_probs or _to_lanes(g1_bthi, g2_bthj, cd)
             p = constrain(lanes.up(x_btd, self.u.kernel[...], self.u.bias[...], self.experts, cd), LANES_ACT)
             z = kernel_ops.mixer(impl, vertical=False)(p, g1, g2)
             w = self.v.kernel[...].reshape(self.experts, self.dim, -1)
@@ -164,6 +165,10 @@ def _impl(layer, tokens: int, g_bthe) -> str:
     if layer.moe_impl == "xla":
         return "xla"
     return dispatch.choose(layer.moe_impl, tokens, g_bthe.shape[2], layer.experts, layer.sparse_k)
+
+
+def _to_lanes(g1_bthi, g2_bthj, dtype):
+    return lanes.probs_to_lanes(g1_bthi, dtype), lanes.probs_to_lanes(g2_bthj, dtype)
 
 
 def _masked(layer) -> None:
