@@ -25,7 +25,7 @@ from monet_jax.kernels.reference import (
     vd_mix_reference,
 )
 from monet_jax.kernels.router import fused_router
-from monet_jax.model.router import aux_losses
+from monet_jax.model.router import aux_from_sums, aux_losses
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -270,16 +270,24 @@ def test_model_pallas_equals_xla_in_training(dec):
 
 
 def test_model_pallas_under_a_mesh():
-    """Under a 2x2x2 CPU mesh the kernels run per batch shard (shard_map) and agree with XLA."""
+    """Under a 2x2x2 CPU mesh the kernels run per batch shard (shard_map) and agree with XLA, and so do
+    the aux losses the training step takes from the routers' token sums (summed over the shards)."""
     cfg = _cfg("vertical")
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     ids = np.random.default_rng(1).integers(0, 96, (4, 9)).astype(np.int32)
+
+    def run(m, i):
+        out = m(i, output_router_probs=True)
+        return out.logits, [aux_from_sums(s, 36) for s in out.router_sums], [aux_losses(*p) for p in out.router_probs]
+
     outs = []
     for impl in ("xla", "pallas"):
         model = MonetForCausalLM(dataclasses.replace(cfg, moe_impl=impl), rngs=nnx.Rngs(0))
         with sharding.activate(mesh):
-            outs.append(nnx.jit(lambda m, i: m(i).logits)(model, jax.device_put(ids, sharding.batch_sharding(mesh))))
+            outs.append(nnx.jit(run)(model, jax.device_put(ids, sharding.batch_sharding(mesh))))
     close(outs[1], outs[0])
+    for _, from_sums, from_probs in outs:
+        close([s[:2] for s in from_sums], from_probs)
 
 
 # -- sparse path --------------------------------------------------------------------------------------
