@@ -25,7 +25,7 @@ from monet_jax.kernels.reference import (
     vd_mix_reference,
 )
 from monet_jax.kernels.router import fused_router
-from monet_jax.model.router import aux_from_sums, aux_losses
+from monet_jax.model.router import aux_losses, router_aux
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -278,7 +278,7 @@ def test_model_pallas_under_a_mesh():
 
     def run(m, i):
         out = m(i, output_router_probs=True)
-        return out.logits, [aux_from_sums(s, 36) for s in out.router_sums], [aux_losses(*p) for p in out.router_probs]
+        return out.logits, [router_aux(s, 36) for s in out.router_sums], [aux_losses(*p) for p in out.router_probs]
 
     outs = []
     for impl in ("xla", "pallas"):

@@ -12,6 +12,7 @@ from flax import nnx
 from monet_jax.config import MonetConfig
 from monet_jax.kernels import dispatch
 from monet_jax.kernels import ops as kernel_ops
+from monet_jax.kernels.reference import aux_from_sums
 from monet_jax.model.layers import Dense
 from monet_jax.sharding import constrain
 
@@ -96,18 +97,15 @@ class Router(nnx.Module):
         return probs[0], probs[1], tuple(sums)
 
 
-def aux_from_sums(sums, tokens: int, eps: float = 1e-10):
+def router_aux(sums, tokens: int):
     """Uniformity and ambiguity losses of one router (DESIGN section 1), averaged over its two halves,
     and the fraction of experts any of the ``tokens`` routed to, from :meth:`Router.route`'s sums."""
-    unif = amb = usage = 0.0
-    for col_he, amb_h in sums:
-        unif = unif - jnp.mean(jnp.log(col_he / tokens + eps)) / 2
-        amb = amb + jnp.sum(amb_h) / (tokens * amb_h.shape[0]) / 2
-        usage = usage + jnp.mean(col_he > 0) / 2  # g >= 0: a column sum is positive iff some token used it
-    return unif, amb, usage
+    halves = [aux_from_sums(col_he, amb_h, tokens) for col_he, amb_h in sums]
+    usage = sum(jnp.mean(col_he > 0) for col_he, _ in sums) / 2  # g >= 0: a sum > 0 iff some token used it
+    return sum(u for u, _ in halves) / 2, sum(a for _, a in halves) / 2, usage
 
 
-def aux_losses(g1_bthe, g2_bthe, eps: float = 1e-10):
+def aux_losses(g1_bthe, g2_bthe):
     """Uniformity and ambiguity losses of one router from its probabilities (the reference of the sums)."""
     sums = [(jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))) for g in (g1_bthe, g2_bthe)]
-    return aux_from_sums(sums, g1_bthe.shape[0] * g1_bthe.shape[1], eps)[:2]
+    return router_aux(sums, g1_bthe.shape[0] * g1_bthe.shape[1])[:2]

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monet_jax import sharding
 from monet_jax.model import MonetForCausalLM
-from monet_jax.model.router import aux_from_sums
+from monet_jax.model.router import router_aux
 from monet_jax.train.config import TrainConfig
 from monet_jax.train.optimizer import make_optimizer
 
@@ -86,7 +86,7 @@ def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: flo
         # From the routers' token sums (the fused router kernel's on moe_impl=pallas), not from g again.
         # usage: the fraction of the E experts (per head, both halves) that any token of the batch routed to.
         tokens = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
-        terms = [aux_from_sums(sums, tokens) for sums in out.router_sums]
+        terms = [router_aux(sums, tokens) for sums in out.router_sums]
         unif = jnp.mean(jnp.stack([u for u, _, _ in terms]))
         amb = jnp.mean(jnp.stack([a for _, a, _ in terms]))
         usage = jnp.stack([f for _, _, f in terms])
