@@ -55,8 +55,9 @@ def tpu_devices(topology: str, *, per_core: bool = False):
     return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices, chips, megacore
 
 
-def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
-    """Lower and compile the train step of ``cfg`` for ``topology``; returns the figures."""
+def compile_for_topology(cfg, topology: str, *, per_core: bool = False, cost: bool = True) -> dict:
+    """Lower and compile the train step of ``cfg`` for ``topology``; returns the figures (without
+    ``cost``, only memory and the kernels in the step: no second, unrolled compile for the costs)."""
     import jax
     from flax import nnx
 
@@ -83,8 +84,22 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     state = ts.abstract()
     t0 = time.perf_counter()
     compiled = _compile(ts, cfg, state, batch)
-    compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
+        - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
+    hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
+    result = {
+        "topology": topology, "devices": len(devices), "chips": chips, "device_kind": devices[0].device_kind,
+        "megacore": megacore, "mesh": dict(mesh.shape), "tokens_per_step": rows * cfg.data.seq_len,
+        "compile_seconds": round(time.perf_counter() - t0, 1),
+        "kernel_calls": sum(compiled.as_text().count(f'custom_call_target="{t}"') for t in hlo_bytes.KERNEL_TARGETS),
+        "memory_per_device": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+                              "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+                              "code": mem.generated_code_size_in_bytes, "total": per_device},
+        "hbm_per_device": int(hbm), "fits": per_device <= hbm,
+    }
+    if not cost:
+        return result
     # XLA's cost analysis counts a loop body once, whatever its trip count: take the costs from the
     # same step with no loops (layers unrolled, one microbatch) and scale by the number of microbatches.
     # Unrolled, a microbatch may not fit in HBM (the TPU compiler then refuses it); halve it until it
@@ -112,9 +127,6 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     # and result bytes from the HLO shapes, so moving work into kernels cannot hide bytes.
     ops = hlo_bytes.instruction_bytes(cost_compiled.as_text())
     kernel_bytes = hlo_bytes.kernel_bytes(ops) * accum * pieces
-    per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
-        - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
-    hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
     tokens = rows * cfg.data.seq_len
     model_flops = tokens * M.train_flops_per_token(cfg.model, cfg.data.seq_len)
     share = 2 if gen in MEGACORE and per_core else 1  # a per-core device has half a chip
@@ -126,14 +138,8 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     estimate = "compiler"
     if not seconds > 0:
         seconds, estimate = max(flops / peak, nbytes / (HBM_BYTES_PER_S[gen] / share)), "roofline"
-    return {
-        "topology": topology, "devices": len(devices), "chips": chips, "device_kind": devices[0].device_kind,
-        "megacore": megacore, "mesh": dict(mesh.shape), "tokens_per_step": tokens,
-        "compile_seconds": round(compile_s, 1), "cost_pieces_per_step": accum * pieces,
-        "memory_per_device": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-                              "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
-                              "code": mem.generated_code_size_in_bytes, "total": per_device},
-        "hbm_per_device": int(hbm), "fits": per_device <= hbm,
+    return result | {
+        "cost_pieces_per_step": accum * pieces,
         "compiler_flops_per_device": flops, "compiler_bytes_per_device": compiler_bytes,
         "kernel_bytes_per_device": kernel_bytes, "bytes_per_device": nbytes,
         "bytes_table": hlo_bytes.table(ops, top=15, scale=accum * pieces),
@@ -163,6 +169,11 @@ def _report(r: dict) -> str:
         f"memory per device: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, temporaries "
         f"{gib(m['temporaries'])}, aliased {gib(m['aliased'])}, code {gib(m['code'])}",
         f"  total {gib(m['total'])} of {gib(r['hbm_per_device'])} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"Pallas kernel calls in the step: {r['kernel_calls']}",
+    ]
+    if "bytes_per_device" not in r:
+        return "\n".join(lines)
+    lines += [
         f"compiler cost per device (loops unrolled, {r['cost_pieces_per_step']} pieces per step): "
         f"{r['compiler_flops_per_device']:.4g} FLOPs, {r['bytes_per_device']:.4g} bytes accessed "
         f"({r['compiler_bytes_per_device']:.4g} counted by the compiler + {r['kernel_bytes_per_device']:.4g} "
@@ -187,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default="v4:2x2x2", help="TPU topology, e.g. v4:4x4x2 (32 chips)")
     p.add_argument("--per-core", action="store_true", help="one device per TensorCore instead of megacore")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--memory-only", action="store_true",
+                   help="compile the step once for memory and kernels; skip the unrolled compile for the costs")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs on CPU; the TPU exists only as a topology
@@ -201,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = compile_for_topology(TrainConfig.load(args.config, args.overrides), args.topology,
-                                      per_core=args.per_core)
+                                      per_core=args.per_core, cost=not args.memory_only)
     except (ConfigError, ValueError) as e:
         print(f"aot_compile: error: {e}", file=sys.stderr)
         return 2
