@@ -10,10 +10,11 @@ contraction of the mixing is then a lane-parallel multiply-add over whole ``[E, 
 - ``inner``: ``g_he = sum_m y_hm x_me``.
 
 The ``u``/``v`` matmuls read and write this layout directly (``einsum("btd,dem->bmet")``), so no
-``[tokens, E, m]`` array with an 8-wide minor dimension and no float32 ``[tokens, H, E]`` product is
-ever formed. The same functions run on whole arrays (XLA fuses each into one pass) and on the blocks of
-the Pallas kernels in :mod:`monet_jax.kernels.mixing`. Arithmetic is float32 whatever the storage dtype.
-Backward passes recompute ``relu2(p)`` and the head mixtures from ``p`` and ``g``.
+``[tokens, E, m]`` array with an 8-wide minor dimension is ever formed. The same functions run on the
+blocks of the Pallas kernels in :mod:`monet_jax.kernels.mixing` and, as the ``xla`` path, on whole arrays
+(there XLA decides what it fuses and what it materializes; see BENCHMARKS.md). Arithmetic is float32
+whatever the storage dtype. Backward passes recompute ``relu2(p)`` and the head mixtures from ``p`` and
+``g`` instead of saving them.
 """
 
 from __future__ import annotations
