@@ -1,9 +1,10 @@
 """Which implementation runs a Monet layer, where a Pallas kernel lowers, and how it is partitioned.
 
-``moe_impl`` (config): ``xla`` (plain einsums, the default), ``pallas`` (fused router and mixing kernels),
+``moe_impl`` (config): ``xla`` (the lane-dense math as XLA fusions, the default), ``pallas`` (fused router
+and mixing kernels),
 ``sparse`` (gather only the active experts' weights: decoding, small batches) or ``auto``. A request
 that cannot be honoured falls back to ``xla`` with one logged warning per reason. Pallas lowers for TPU
-(Mosaic; AOT-compiled in the tests) and GPU (Triton; written, never run here); on CPU only in interpret
+(Mosaic; AOT-compiled in the tests) and, untried, GPU (Triton); on CPU only in interpret
 mode (``MONET_PALLAS_INTERPRET=1`` or :func:`force_interpret`), which is how the tests run the kernels
 through the whole model.
 """
