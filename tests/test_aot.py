@@ -21,8 +21,10 @@ def aot(tmp_path, *args):
 
 
 def test_tiny_train_step_compiles_for_a_v4_slice(tmp_path):
+    """The whole step with the Pallas router and mixing kernels (Mosaic, under shard_map): their operand
+    and result bytes are added to the compiler's count, and the bytes table is printed."""
     proc, r = aot(tmp_path, "--topology", "v4:2x2x2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
-                  "optim.grad_accum=2", "model.scan_groups=true", "model.remat=layer")
+                  "optim.grad_accum=2", "model.scan_groups=true", "model.remat=layer", "model.moe_impl=pallas")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert r["devices"] == 8 and r["megacore"] and r["device_kind"] == "TPU v4"
     assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
@@ -32,6 +34,34 @@ def test_tiny_train_step_compiles_for_a_v4_slice(tmp_path):
     assert 0.9 * r["model_flops_per_step"] < total < 3 * r["model_flops_per_step"]
     assert r["estimated_step_seconds"] > 0 and 0 < r["implied_mfu"] < 1
     assert "memory per device" in proc.stdout and "implied MFU" in proc.stdout
+    assert r["kernel_bytes_per_device"] > 0
+    assert r["bytes_per_device"] == r["compiler_bytes_per_device"] + r["kernel_bytes_per_device"]
+    assert "where the bytes go" in proc.stdout and "tpu_custom_call" in proc.stdout
+
+
+def test_hlo_bytes_pad_to_tiles_and_count_kernels():
+    from monet_jax.train import hlo_bytes
+
+    assert hlo_bytes.array_bytes("bf16", "3,5", "1,0:T(8,128)(2,1)") == 8 * 128 * 2
+    assert hlo_bytes.array_bytes("f32", "2,16,256", "2,1,0:T(8,128)") == 2 * 16 * 256 * 4
+    assert hlo_bytes.array_bytes("f32", "4,8", "0,1:T(8,128)") == 128 * 8 * 4  # dim 0 is the minor one
+    text = """HloModule m, entry_computation_layout={(f32[8,128]{1,0})->f32[8,128]{1,0}}
+
+%fused (p: f32[8,128]) -> f32[8,128] {
+  %p = f32[8,128]{1,0:T(8,128)} parameter(0)
+  ROOT %n = f32[8,128]{1,0:T(8,128)} negate(%p)
+}
+
+ENTRY %main (x: f32[8,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %k = f32[8,128]{1,0:T(8,128)} custom-call(%x), custom_call_target="tpu_custom_call", metadata={op_name="jit(f)/k"}
+  ROOT %f = f32[8,128]{1,0:T(8,128)} fusion(%k), kind=kLoop, calls=%fused
+}
+"""
+    ops = hlo_bytes.instruction_bytes(text)
+    assert [(o.kind, o.bytes) for o in ops] == [("custom-call:tpu_custom_call", 8192), ("fusion:kLoop", 8192)]
+    assert hlo_bytes.kernel_bytes(ops) == 8192
+    assert "tpu_custom_call" in hlo_bytes.table(ops)
 
 
 def test_per_core_devices_and_bad_topologies(tmp_path):

@@ -1,9 +1,10 @@
 """Which implementation runs a Monet layer, where a Pallas kernel lowers, and how it is partitioned.
 
-``moe_impl`` (config): ``xla`` (plain einsums, the default), ``pallas`` (fused router and mixing kernels),
+``moe_impl`` (config): ``xla`` (the lane-dense math as XLA fusions, the default), ``pallas`` (fused router
+and mixing kernels),
 ``sparse`` (gather only the active experts' weights: decoding, small batches) or ``auto``. A request
 that cannot be honoured falls back to ``xla`` with one logged warning per reason. Pallas lowers for TPU
-(Mosaic; AOT-compiled in the tests) and GPU (Triton; written, never run here); on CPU only in interpret
+(Mosaic; AOT-compiled in the tests) and, untried, GPU (Triton); on CPU only in interpret
 mode (``MONET_PALLAS_INTERPRET=1`` or :func:`force_interpret`), which is how the tests run the kernels
 through the whole model.
 """
@@ -68,31 +69,13 @@ def sparse_k(requested: int, topk: int, experts: int) -> int:
     return min(experts, requested or 2 * topk)
 
 
-TPU_VMEM = 16 << 20  # bytes of VMEM per TPU core (v4, v5e, v5p)
-
-
-def mixing_vmem_per_token(heads: int, experts: int, dim: int, arrays: int) -> int:
-    """VMEM bytes per token of a mixing kernel block: ``arrays`` double-buffered ``[E, m]`` blocks with TPU
-    tile padding (``m`` to 128 lanes, ``E`` to 8 sublanes; small ``m`` pads heavily) plus per-head work."""
-    up = lambda a, b: -(-a // b) * b
-    return 4 * (2 * arrays * up(experts, 8) * up(dim, 128) + 8 * up(heads, 8) * up(max(experts, dim), 128))
-
-
-def mixing_fits_tpu(heads: int, experts: int, dim: int, arrays: int) -> bool:
-    """Whether the smallest block (8 tokens) of a mixing kernel fits a TPU core's VMEM. The published
-    shapes (E=512, m/2=8) do not: with ``m`` on the lane axis the VD backward needs about 32 MiB."""
-    return 8 * mixing_vmem_per_token(heads, experts, dim, arrays) <= TPU_VMEM
-
-
-def choose(requested: str, tokens: int, heads: int, experts: int, k: int,
-           mixing: tuple[int, int] | None = None) -> str:
+def choose(requested: str, tokens: int, heads: int, experts: int, k: int) -> str:
     """Resolve ``moe_impl`` for one call of ``tokens`` tokens to ``xla``, ``pallas`` or ``sparse``.
 
     ``auto`` takes the sparse path when it reads fewer expert weights than the dense one
     (``tokens * heads * k < experts`` rows of each weight), else Pallas on TPU (its Mosaic lowering is
-    compile-checked), else XLA. The GPU (Triton) lowering is only taken on an explicit ``pallas``:
-    it has never run on a GPU here, and Triton wants power-of-two block dimensions. ``mixing``:
-    ``(m, arrays)`` of a mixing kernel, whose VMEM need is checked on TPU (XLA when it cannot fit)."""
+    compile-checked at every published size), else XLA. The GPU (Triton) lowering is only taken on an
+    explicit ``pallas``: it has never run on a GPU here."""
     if requested in ("xla", "sparse"):
         return requested
     if requested not in ("pallas", "auto"):
@@ -105,23 +88,18 @@ def choose(requested: str, tokens: int, heads: int, experts: int, k: int,
         return "xla"
     if requested == "auto" and not (target_platform() == "tpu" or interpret_mode()):
         return "xla"
-    if mixing is not None and target_platform() == "tpu" and not interpret_mode() \
-            and not mixing_fits_tpu(heads, experts, *mixing):
-        need = 8 * mixing_vmem_per_token(heads, experts, *mixing) / 2**20
-        warn_once(f"moe_impl={requested}: the mixing kernel needs about {need:.0f} MiB of VMEM per 8-token block "
-                  f"at E={experts}, m={mixing[0]} (a TPU core has {TPU_VMEM >> 20} MiB); using the XLA path")
-        return "xla"
     return "pallas"
 
 
-def compiler_params(platform: str):
-    """Per-backend Pallas options; the TPU/GPU modules are imported only when used."""
+def compiler_params(platform: str, semantics: tuple[str, ...] = ("parallel",)):
+    """Per-backend Pallas options (``semantics``: one of ``parallel`` / ``arbitrary`` per grid axis); the
+    TPU/GPU modules are imported only when used."""
     if interpret_mode():
         return None
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel",))
+        return pltpu.CompilerParams(dimension_semantics=semantics)
     if platform == "gpu":
         from jax.experimental.pallas import triton as plgpu
 

@@ -1,93 +1,119 @@
-"""Fused expert mixing: ``relu2`` of the ``u`` output and the ``g1``/``g2`` contractions, per token block.
+"""Fused expert mixing kernels in the lane-dense layout of :mod:`monet_jax.kernels.lanes`.
 
-What is fused is the memory-bound part of the layer: from the ``u`` projection's output ``p`` (an XLA
-matmul) and the routing probabilities, the kernel writes exactly the inputs of the ``v`` projections
-(XLA matmuls too), so neither ``relu2(p)`` nor the per-head mixtures ``[n, H, m]`` ever reach memory.
-For VD the straight and cross flows of each output half are written side by side (``[n, 2, E, m/2]``)
-so each half is one matmul against its stacked ``[v11; v12]`` / ``[v21; v22]``.
+Arrays are ``[b, m, E, t]`` (the ``u`` output ``p`` before ``relu2``, the ``v`` inputs) and ``[b, H, E, t]``
+(routing probabilities, in the compute dtype): tokens on the 128 lanes, experts on sublanes, ``m`` and
+``H`` as major dimensions, so a block is dense whatever ``m/2`` and ``H`` are. Each pass is two
+``pallas_call``\\ s over a ``(batch, token block, expert chunk)`` grid:
 
-Inside a block everything is float32 and every contraction is a broadcast-multiply-reduce over
-``[n, H, E, m]`` (the ``H``/``m`` sizes are far below a matrix unit's tile). The backward kernels
-recompute ``relu2(p)`` and the head mixtures from the inputs instead of saving them.
+1. *reduce*: the sums over all experts (``y_hm = sum_e g_he relu2(p)_me`` and, backward, the same of
+   the cotangents), accumulated over the expert chunks into tiny ``[b, H, m, 1, t]`` float32 arrays;
+2. *emit*: per expert chunk, everything else: ``relu2``, the straight-flow scaling and the spreads
+   forward (the inputs of the ``v`` matmuls, written once in the compute dtype), ``dp`` and ``dg``
+   backward.
+
+So ``p`` and ``g`` are read twice per pass and every output is written once; nothing of size
+``H * E * m`` per token ever reaches memory. Expert chunks are sized from a VMEM budget, so the blocks fit
+a TPU core at every published size. The math is :mod:`~monet_jax.kernels.lanes`' (the XLA path runs the
+same functions on whole arrays); the references are ``reference.{vd,hd}_mix_reference``.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
-from monet_jax.kernels import dispatch
-from monet_jax.kernels.common import token_call
+from monet_jax.kernels import dispatch, lanes
 
 f32 = jnp.float32
+VMEM_BUDGET = 6 << 20  # bytes per grid step: double-buffered blocks plus float32 temporaries
+LANE_BLOCK = 128  # tokens per block when the sequence is longer than this
 
 
-_HI = jax.lax.Precision.HIGHEST
+def _sizes(e: int, t: int, per_expert_token: int) -> tuple[int, int]:
+    """(expert chunk, token block): tokens in 128-lane blocks (the whole sequence when shorter); the
+    largest divisor of ``E`` that is a multiple of 16 (a bfloat16 sublane tile) and fits the budget."""
+    tb = t if t <= LANE_BLOCK else LANE_BLOCK
+    fits = [c for c in range(16, e + 1, 16) if e % c == 0 and c * tb * per_expert_token <= VMEM_BUDGET]
+    return (max(fits) if fits else (16 if e % 16 == 0 else e)), tb
 
 
-def _mix(g_nhe, x_nem):
-    """``y_hm = sum_e g_he x_em``."""
-    return jnp.einsum("nhe,nem->nhm", g_nhe, x_nem, precision=_HI, preferred_element_type=f32)
+def footprint(chunked, outs, reduce: bool) -> int:
+    """VMEM bytes per (expert, token) of a block: double-buffered inputs and outputs, and float32
+    temporaries (a dozen of the widest ``[m, e, t]`` / ``[H, e, t]`` values; contractions go one head
+    at a time)."""
+    per = sum(2 * math.prod(a.shape[1:-2]) * jnp.dtype(a.dtype).itemsize for a in chunked)
+    per += 0 if reduce else sum(2 * math.prod(lead) * jnp.dtype(dt).itemsize for lead, dt in outs)
+    return per + 4 * 12 * max(math.prod(a.shape[1:-2]) for a in chunked)
 
 
-def _spread(g_nhe, y_nhm):
-    """``x_em = sum_h g_he y_hm``."""
-    return jnp.einsum("neh,nhm->nem", jnp.swapaxes(g_nhe, 1, 2), y_nhm, precision=_HI, preferred_element_type=f32)
+def _kernel(fn, n_in: int, reduce: bool):
+    def body(*refs):
+        ins, outs = refs[:n_in], refs[n_in:]
+        values = fn(*(r[...] for r in ins))
+        if reduce:
+            @pl.when(pl.program_id(2) == 0)
+            def _():
+                for o in outs:
+                    o[...] = jnp.zeros(o.shape, o.dtype)
+
+            for o, v in zip(outs, values, strict=True):
+                o[...] += v
+            return
+        for o, v in zip(outs, values, strict=True):
+            if isinstance(v, tuple):  # a stacked output, written one slice at a time
+                for k, part in enumerate(v):
+                    o[k] = part.astype(o.dtype)
+            else:
+                o[...] = v.astype(o.dtype)
+
+    return body
 
 
-def _inner(y_nhm, x_nem):
-    """``g_he = sum_m y_hm x_em``."""
-    return jnp.einsum("nhm,nem->nhe", y_nhm, x_nem, precision=_HI, preferred_element_type=f32)
+def lanes_call(fn, chunked, sums, outs, *, name: str, reduce: bool = False):
+    """Run ``fn(*chunked_blocks, *sums_blocks)`` over a ``(b, token block, expert chunk)`` grid.
+
+    ``chunked``: ``[b, *lead, E, t]`` arrays, blocked over experts and tokens. ``sums``: ``[b, H, m, 1, t]``
+    float32 (whole over experts). ``outs``: ``(lead, dtype)`` per output, ``[b, *lead, E, t]``; with
+    ``reduce``, ``[b, *lead, 1, t]`` sums over the expert chunks instead."""
+    b, e, t = chunked[0].shape[0], chunked[0].shape[-2], chunked[0].shape[-1]
+    ec, tb = _sizes(e, t, footprint(chunked, outs, reduce))
+    tpad = -(-t // tb) * tb
+    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tpad - t)]) if tpad != t else a  # noqa: E731
+
+    def spec(lead, experts: bool):
+        n = len(lead)
+        if experts:
+            return pl.BlockSpec((None, *lead, ec, tb), lambda bi, ti, ei, n=n: (bi,) + (0,) * n + (ei, ti))
+        return pl.BlockSpec((None, *lead, 1, tb), lambda bi, ti, ei, n=n: (bi,) + (0,) * n + (0, ti))
+
+    in_specs = [spec(a.shape[1:-2], True) for a in chunked] + [spec(a.shape[1:-2], False) for a in sums]
+    out_shape = [jax.ShapeDtypeStruct((b, *lead, 1 if reduce else e, tpad), dt) for lead, dt in outs]
+    out_specs = [spec(lead, not reduce) for lead, _ in outs]
+    semantics = ("parallel", "parallel", "arbitrary" if reduce else "parallel")
+    results = pl.pallas_call(
+        _kernel(fn, len(chunked) + len(sums), reduce), out_shape=out_shape, grid=(b, tpad // tb, e // ec),
+        in_specs=in_specs, out_specs=out_specs, interpret=dispatch.interpret_mode(),
+        compiler_params=dispatch.compiler_params(dispatch.target_platform(), semantics), name=name,
+    )(*[pad(a) for a in (*chunked, *sums)])
+    return [r[..., :t] if tpad != t else r for r in results]
 
 
-def _heads_sum(g_nhe, m: int):
-    """``sum_h g_he`` broadcast over ``m``, as a contraction: Mosaic cannot move the expert axis from
-    lanes to sublanes (no sublane gather on v4), a matmul against ones does it for free."""
-    return _spread(g_nhe, jnp.ones((g_nhe.shape[0], g_nhe.shape[1], m), f32))
-
-
-def _units_sum(a_nem, h: int):
-    """``sum_m a_em`` broadcast over heads ``[n, H, E]`` (the same trick)."""
-    return _inner(jnp.ones((a_nem.shape[0], h, a_nem.shape[2]), f32), a_nem)
-
-
-def _act(p_ref):
-    r = jnp.maximum(p_ref[...].astype(f32), 0.0)
-    return r * r, r
+def _sums(fn, args, h: int, m: int, count: int, name: str):
+    """A reduce pass: ``count`` float32 ``[b, H, m, 1, t]`` sums over experts."""
+    return lanes_call(fn, args, (), [((h, m), f32)] * count, name=name, reduce=True)
 
 
 # -- HD -------------------------------------------------------------------------------------------------
-def _hd_fwd_kernel(p_ref, g1_ref, g2_ref, z_ref):
-    x, _ = _act(p_ref)
-    z_ref[...] = _spread(g2_ref[...].astype(f32), _mix(g1_ref[...].astype(f32), x)).astype(z_ref.dtype)
-
-
-def _hd_bwd_kernel(p_ref, g1_ref, g2_ref, dz_ref, dp_ref, dg1_ref, dg2_ref):
-    x, r = _act(p_ref)
-    g1, g2, dz = g1_ref[...].astype(f32), g2_ref[...].astype(f32), dz_ref[...].astype(f32)
-    y = _mix(g1, x)
-    dy = _mix(g2, dz)
-    dg2_ref[...] = _inner(y, dz).astype(dg2_ref.dtype)
-    dg1_ref[...] = _inner(dy, x).astype(dg1_ref.dtype)
-    dp_ref[...] = (_spread(g1, dy) * 2.0 * r).astype(dp_ref.dtype)
-
-
-HD_ARRAYS, VD_ARRAYS = 6, 14  # the most [E, m] blocks one kernel holds (the backward passes)
-
-
-def _block(n, h, e, m, arrays: int):
-    """Tokens per block from the VMEM footprint (``dispatch.mixing_vmem_per_token``)."""
-    return dispatch.block_tokens(n, dispatch.mixing_vmem_per_token(h, e, m, arrays), budget=8 << 20)
-
-
 @jax.custom_vjp
-def hd_mix(p_nim, g1_nhi, g2_nhj):
-    """HD: ``z_jm = sum_h g2_hj sum_i g1_hi relu2(p)_im`` ``[n, E, m]`` in ``p``'s dtype, the input of ``v``.
-    Reference: ``reference.hd_mix_reference``."""
-    n, e, m = p_nim.shape
-    block = _block(n, g1_nhi.shape[1], e, m, 4)
-    return token_call(_hd_fwd_kernel, (p_nim, g1_nhi, g2_nhj), (True,) * 3, [((e, m), p_nim.dtype, "tokens")],
-                      block=block, name="monet_hd_mix_fwd")[0]
+def hd_mix(p_bmEt, g1_bhEt, g2_bhEt):
+    """HD: ``z[m, j] = sum_h g2[h, j] sum_i g1[h, i] relu2(p)[m, i]`` ``[b, m, E, t]`` in ``p``'s dtype,
+    the input of ``v``. Reference: ``reference.hd_mix_reference`` (in the ``[n, E, m]`` layout)."""
+    h, m = g1_bhEt.shape[1], p_bmEt.shape[1]
+    (y,) = _sums(lanes.hd_reduce, (p_bmEt, g1_bhEt), h, m, 1, "monet_hd_mix_reduce")
+    return lanes_call(lanes.hd_emit, (g2_bhEt,), (y,), [((m,), p_bmEt.dtype)], name="monet_hd_mix_emit")[0]
 
 
 def _hd_fwd(p, g1, g2):
@@ -96,76 +122,39 @@ def _hd_fwd(p, g1, g2):
 
 def _hd_bwd(res, dz):
     p, g1, g2 = res
-    n, e, m = p.shape
-    h = g1.shape[1]
-    block = _block(n, h, e, m, HD_ARRAYS)
-    return tuple(token_call(_hd_bwd_kernel, (p, g1, g2, dz), (True,) * 4,
-                            [((e, m), p.dtype, "tokens"), ((h, e), g1.dtype, "tokens"), ((h, e), g2.dtype, "tokens")],
-                            block=block, name="monet_hd_mix_bwd"))
+    h, m, dz = g1.shape[1], p.shape[1], dz.astype(p.dtype)
+    y, dy = _sums(lanes.hd_reduce_bwd, (p, g1, g2, dz), h, m, 2, "monet_hd_mix_reduce_bwd")
+    outs = [((m,), p.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
+    return tuple(lanes_call(lanes.hd_emit_bwd, (p, g1, dz), (y, dy), outs, name="monet_hd_mix_emit_bwd"))
 
 
 hd_mix.defvjp(_hd_fwd, _hd_bwd)
 
 
 # -- VD -------------------------------------------------------------------------------------------------
-def _vd_fwd_kernel(p1_ref, p2_ref, g1_ref, g2_ref, top_ref, bot_ref):
-    x1, _ = _act(p1_ref)
-    x2, _ = _act(p2_ref)
-    g1, g2 = g1_ref[...].astype(f32), g2_ref[...].astype(f32)
-    dt = top_ref.dtype
-    m = x1.shape[-1]
-    top_ref[:, 0] = (x1 * _heads_sum(g1, m)).astype(dt)                  # straight: x1_i sum_h g1_hi
-    top_ref[:, 1] = _spread(g1, _mix(g2, x2)).astype(dt)              # cross: sum_h g1_hi sum_j g2_hj x2_j
-    bot_ref[:, 0] = _spread(g2, _mix(g1, x1)).astype(dt)
-    bot_ref[:, 1] = (x2 * _heads_sum(g2, m)).astype(dt)
-
-
-def _vd_bwd_kernel(p1_ref, p2_ref, g1_ref, g2_ref, dtop_ref, dbot_ref, dp1_ref, dp2_ref, dg1_ref, dg2_ref):
-    x1, r1 = _act(p1_ref)
-    x2, r2 = _act(p2_ref)
-    g1, g2 = g1_ref[...].astype(f32), g2_ref[...].astype(f32)
-    d11, d12 = dtop_ref[:, 0].astype(f32), dtop_ref[:, 1].astype(f32)
-    d21, d22 = dbot_ref[:, 0].astype(f32), dbot_ref[:, 1].astype(f32)
-    y1, y2 = _mix(g1, x1), _mix(g2, x2)
-    dy1, dy2 = _mix(g2, d21), _mix(g1, d12)  # through the cross flows' spreads
-    # d/dg: straight flows give sum_m d * x for every head; cross flows give both of their factors.
-    h, m = g1.shape[1], x1.shape[-1]
-    dg1 = _units_sum(d11 * x1, h) + _inner(y2, d12) + _inner(dy1, x1)
-    dg2 = _units_sum(d22 * x2, h) + _inner(y1, d21) + _inner(dy2, x2)
-    dx1 = d11 * _heads_sum(g1, m) + _spread(g1, dy1)
-    dx2 = d22 * _heads_sum(g2, m) + _spread(g2, dy2)
-    dp1_ref[...] = (dx1 * 2.0 * r1).astype(dp1_ref.dtype)
-    dp2_ref[...] = (dx2 * 2.0 * r2).astype(dp2_ref.dtype)
-    dg1_ref[...] = dg1.astype(dg1_ref.dtype)
-    dg2_ref[...] = dg2.astype(dg2_ref.dtype)
-
-
 @jax.custom_vjp
-def vd_mix(p1_nim, p2_njm, g1_nhi, g2_nhj):
-    """VD: ``(top, bottom)``, each ``[n, 2, E, m/2]`` in ``p``'s dtype: the inputs of ``[v11; v12]`` and
-    ``[v21; v22]`` (straight flow first for top, cross flow first for bottom, as the weights are
-    stacked). Reference: ``reference.vd_mix_reference``."""
-    n, e, m = p1_nim.shape
-    block = _block(n, g1_nhi.shape[1], e, m, 8)
-    out = ((2, e, m), p1_nim.dtype, "tokens")
-    return tuple(token_call(_vd_fwd_kernel, (p1_nim, p2_njm, g1_nhi, g2_nhj), (True,) * 4, [out, out],
-                            block=block, name="monet_vd_mix_fwd"))
+def vd_mix(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt):
+    """VD: ``(top, bottom)``, each ``[b, 2, m, E, t]`` in ``p``'s dtype: the inputs of ``[v11; v12]`` and
+    ``[v21; v22]`` (straight flow first for top, cross flow first for bottom). Reference:
+    ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout)."""
+    args = (p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
+    h, m = g1_bhEt.shape[1], p1_bmEt.shape[1]
+    sums = _sums(lanes.vd_reduce, args, h, m, 2, "monet_vd_mix_reduce")
+    out = ((2, m), p1_bmEt.dtype)
+    return tuple(lanes_call(lanes.vd_emit, args, sums, [out, out], name="monet_vd_mix_emit"))
 
 
-def _vd_fwd(p1, p2, g1, g2):
-    return vd_mix(p1, p2, g1, g2), (p1, p2, g1, g2)
+def _vd_fwd(*args):
+    return vd_mix(*args), args
 
 
 def _vd_bwd(res, cot):
     p1, p2, g1, g2 = res
-    dtop, dbot = cot
-    n, e, m = p1.shape
-    h = g1.shape[1]
-    block = _block(n, h, e, m, VD_ARRAYS)
-    return tuple(token_call(
-        _vd_bwd_kernel, (p1, p2, g1, g2, dtop, dbot), (True,) * 6,
-        [((e, m), p1.dtype, "tokens"), ((e, m), p2.dtype, "tokens"), ((h, e), g1.dtype, "tokens"),
-         ((h, e), g2.dtype, "tokens")], block=block, name="monet_vd_mix_bwd"))
+    h, m = g1.shape[1], p1.shape[1]
+    args = (*res, *(c.astype(p1.dtype) for c in cot))
+    sums = _sums(lanes.vd_reduce_bwd, args, h, m, 4, "monet_vd_mix_reduce_bwd")
+    outs = [((m,), p1.dtype), ((m,), p2.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
+    return tuple(lanes_call(lanes.vd_emit_bwd, args, sums, outs, name="monet_vd_mix_emit_bwd"))
 
 
 vd_mix.defvjp(_vd_fwd, _vd_bwd)

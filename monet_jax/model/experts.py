@@ -11,13 +11,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from monet_jax.config import MonetConfig
-from monet_jax.kernels import dispatch, sparse
+from monet_jax.kernels import dispatch, lanes, sparse
 from monet_jax.kernels import ops as kernel_ops
-from monet_jax.kernels.mixing import HD_ARRAYS, VD_ARRAYS
 from monet_jax.model.layers import Dense, param, project, relu2
 from monet_jax.sharding import constrain
 
 EXPERT_ACT = ("batch", "seq", "experts", None)  # [b, t, E, m]: experts split like tensor-parallel hidden units
+LANES_ACT = ("batch", None, "experts", "seq")  # [b, m, E, t]: the lane-dense layout (kernels.lanes)
 
 
 class ExpertDeletion(nnx.Variable):
@@ -56,10 +56,29 @@ class VerticalExperts(nnx.Module):
         self.b2 = param(jnp.zeros((e, d // 2), param_dtype), ("experts", "embed"))
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
-        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
-        return _run(self, vd_layer, ("u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2"), x_btd, g1_bthi, g2_bthj,
-                    deleted)
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None):
+        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
+        ``lanes_probs``: ``(g1, g2)`` already in the lane-dense layout (made once per routing group)."""
+        impl = _impl(self, x_btd, g1_bthi, deleted)
+        if impl in ("xla", "pallas"):
+            return self._lanes(impl, x_btd, *(lanes_probs or _to_lanes(g1_bthi, g2_bthj, self.compute_dtype)))
+        w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
+        return vd_layer(x_btd, w, g1_bthi, g2_bthj, deleted, compute_dtype=self.compute_dtype,
+                        width=_sparse_width(self, x_btd, g1_bthi, impl))
+
+    def _lanes(self, impl: str, x_btd, g1, g2):
+        """The layer in the lane-dense layout of :mod:`monet_jax.kernels.lanes` (``impl``: xla or pallas)."""
+        cd, e, m = self.compute_dtype, self.experts, self.half_dim
+        p1 = constrain(lanes.up(x_btd, self.u1.kernel[...], self.u1.bias[...], e, cd), LANES_ACT)
+        p2 = constrain(lanes.up(x_btd, self.u2.kernel[...], self.u2.bias[...], e, cd), LANES_ACT)
+        top, bot = kernel_ops.mixer(impl, vertical=True)(p1, p2, g1, g2)
+
+        def half(a, first, second, s_bet, bias):
+            w = jnp.stack([getattr(self, first).kernel[...], getattr(self, second).kernel[...]]).reshape(2, e, m, -1)
+            return lanes.down(a, w, cd) + jnp.einsum("bet,ed->btd", s_bet, bias[...].astype(cd))
+
+        return jnp.concatenate([half(top, "v11", "v12", g1.sum(axis=1), self.b1),
+                                half(bot, "v21", "v22", g2.sum(axis=1), self.b2)], axis=-1)
 
 
 def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
@@ -102,9 +121,19 @@ class HorizontalExperts(nnx.Module):
         self.b = param(jnp.zeros((e, d), param_dtype), ("experts", "embed"))
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None):
-        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing."""
-        return _run(self, hd_layer, ("u", "v", "b"), x_btd, g1_bthi, g2_bthj, deleted)
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None):
+        """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
+        ``lanes_probs``: ``(g1, g2)`` already in the lane-dense layout (made once per routing group)."""
+        cd = self.compute_dtype
+        impl = _impl(self, x_btd, g1_bthi, deleted)
+        if impl in ("xla", "pallas"):
+            g1, g2 = lanes_probs or _to_lanes(g1_bthi, g2_bthj, cd)
+            p = constrain(lanes.up(x_btd, self.u.kernel[...], self.u.bias[...], self.experts, cd), LANES_ACT)
+            z = kernel_ops.mixer(impl, vertical=False)(p, g1, g2)
+            w = self.v.kernel[...].reshape(self.experts, self.dim, -1)
+            return lanes.down(z, w, cd) + jnp.einsum("bet,ed->btd", g2.sum(axis=1), self.b[...].astype(cd))
+        return hd_layer(x_btd, _weights(self, "u", "v", "b"), g1_bthi, g2_bthj, deleted, compute_dtype=cd,
+                        width=_sparse_width(self, x_btd, g1_bthi, impl))
 
 
 def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
@@ -121,7 +150,6 @@ def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, w
         z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
         s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
     return sparse.project_experts([z_btjm], [w["v"]], s2_btj, w["b"], cd, width)
-
 
 class DenseMLP(nnx.Module):
     """The dense baseline: LLaMA SwiGLU (``hidden_act: silu``) or a relu2 MLP of ``intermediate_size``."""
@@ -141,26 +169,31 @@ class DenseMLP(nnx.Module):
         return self.down_proj(relu2(self.up_proj(x_btd)))
 
 
-def _run(layer, math, names: tuple[str, ...], x_btd, g1_bthi, g2_bthj, deleted):
-    """The layer through its ``moe_impl`` (``kernels.dispatch``); an expert deletion mask runs on XLA."""
+def _impl(layer, x_btd, g_bthe, deleted) -> str:
+    """This call's path: ``xla`` / ``pallas`` (the lane-dense layer), ``sparse`` (only the ``v`` rows of the
+    experts in use), or ``masked`` (an expert deletion mask: the ``[b, t, E, m]`` einsums of DESIGN section 1)."""
+    if deleted is not None:
+        if layer.moe_impl != "xla":
+            dispatch.warn_once(f"moe_impl={layer.moe_impl}: expert deletion masks run on the XLA einsum path")
+        return "masked"
+    if layer.moe_impl == "xla":
+        return "xla"
     b, t, _ = x_btd.shape
-    impl = layer.moe_impl
-    if impl != "xla" and deleted is not None:
-        dispatch.warn_once(f"moe_impl={impl}: expert deletion masks run on the XLA path")
-        impl = "xla"
-    if impl != "xla":
-        mixing = (layer.half_dim, VD_ARRAYS) if isinstance(layer, VerticalExperts) else (layer.dim, HD_ARRAYS)
-        impl = dispatch.choose(impl, b * t, g1_bthi.shape[2], layer.experts, layer.sparse_k, mixing)
-    w = _weights(layer, *names)
-    if impl == "pallas":
-        ops = kernel_ops.vertical if isinstance(layer, VerticalExperts) else kernel_ops.horizontal
-        return ops(x_btd, w, g1_bthi, g2_bthj, compute_dtype=layer.compute_dtype)
-    width = b * t * g1_bthi.shape[2] * layer.sparse_k if impl == "sparse" else None
-    return math(x_btd, w, g1_bthi, g2_bthj, deleted, compute_dtype=layer.compute_dtype, width=width)
+    return dispatch.choose(layer.moe_impl, b * t, g_bthe.shape[2], layer.experts, layer.sparse_k)
+
+
+def _sparse_width(layer, x_btd, g_bthe, impl: str) -> int | None:
+    """How many expert rows of ``v`` the sparse path gathers (None: all of them)."""
+    b, t, _ = x_btd.shape
+    return b * t * g_bthe.shape[2] * layer.sparse_k if impl == "sparse" else None
+
+
+def _to_lanes(g1_bthi, g2_bthj, dtype):
+    return lanes.probs_to_lanes(g1_bthi, dtype), lanes.probs_to_lanes(g2_bthj, dtype)
 
 
 def _weights(layer, *names) -> dict:
-    """A layer's weights as arrays: ``{name}`` kernels and ``{name}_bias`` biases."""
+    """A layer's weights as arrays for ``kernels.ops``: ``{name}`` kernels and ``{name}_bias`` biases."""
     w = {}
     for name in names:
         v = getattr(layer, name)

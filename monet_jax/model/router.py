@@ -12,6 +12,7 @@ from flax import nnx
 from monet_jax.config import MonetConfig
 from monet_jax.kernels import dispatch
 from monet_jax.kernels import ops as kernel_ops
+from monet_jax.kernels.reference import aux_from_sums
 from monet_jax.model.layers import Dense
 from monet_jax.sharding import constrain
 
@@ -74,26 +75,37 @@ class Router(nnx.Module):
 
     def __call__(self, x_btd):
         """Returns ``(g1, g2)``, each ``[b, t, H, E]`` float32."""
+        return self.route(x_btd)[:2]
+
+    def route(self, x_btd):
+        """``(g1, g2, sums)``: the routing probabilities and, for the aux losses, ``sums`` = per half the
+        token sums ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]`` (from the fused router
+        kernel's pass on ``pallas``, so the training step never reads ``g`` again for them)."""
         b, t, _ = x_btd.shape
         fused = dispatch.choose(self.moe_impl, b * t, self.heads, self.experts, self.sparse_k) == "pallas"
-        out = []
+        probs, sums = [], []
         for w, norm in ((self.w1, self.norm1), (self.w2, self.norm2)):
             z_bthe = w(x_btd, out_dtype=jnp.float32).astype(jnp.float32).reshape(b, t, self.heads, self.experts)
             z_bthe = constrain(z_bthe, ("batch", "seq", None, "experts"))
             if fused:  # statistics here (global batch, running update), the per-token pass in the kernel
-                out.append(kernel_ops.router_probs(z_bthe, *norm.moments(z_bthe), self.sigma, norm.eps))
-                continue
-            out.append(sparse_softmax(z_bthe, norm(z_bthe), self.sigma))
-        return tuple(out)
+                g, col, amb = kernel_ops.router_probs(z_bthe, *norm.moments(z_bthe), self.sigma, norm.eps)
+            else:
+                g = sparse_softmax(z_bthe, norm(z_bthe), self.sigma)
+                col, amb = jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))
+            probs.append(g)
+            sums.append((col, amb))
+        return probs[0], probs[1], tuple(sums)
 
 
-def aux_losses(g1_bthe, g2_bthe, eps: float = 1e-10):
-    """Uniformity and ambiguity losses of one router (DESIGN section 1), averaged over its two halves."""
-    def unif(g):
-        mean_he = jnp.mean(g, axis=(0, 1))
-        return -jnp.mean(jnp.log(mean_he + eps))
+def router_aux(sums, tokens: int):
+    """Uniformity and ambiguity losses of one router (DESIGN section 1), averaged over its two halves,
+    and the fraction of experts any of the ``tokens`` routed to, from :meth:`Router.route`'s sums."""
+    halves = [aux_from_sums(col_he, amb_h, tokens) for col_he, amb_h in sums]
+    usage = sum(jnp.mean(col_he > 0) for col_he, _ in sums) / 2  # g >= 0: a sum > 0 iff some token used it
+    return sum(u for u, _ in halves) / 2, sum(a for _, a in halves) / 2, usage
 
-    def amb(g):
-        return jnp.mean(1.0 - jnp.max(g, axis=-1))
 
-    return (unif(g1_bthe) + unif(g2_bthe)) / 2, (amb(g1_bthe) + amb(g2_bthe)) / 2
+def aux_losses(g1_bthe, g2_bthe):
+    """Uniformity and ambiguity losses of one router from its probabilities (the reference of the sums)."""
+    sums = [(jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))) for g in (g1_bthe, g2_bthe)]
+    return router_aux(sums, g1_bthe.shape[0] * g1_bthe.shape[1])[:2]

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from monet_jax.config import MonetConfig
+from monet_jax.kernels.lanes import probs_to_lanes
 from monet_jax.model.attention import Attention, attention_mask
 from monet_jax.model.experts import DenseMLP, ExpertDeletion, make_experts
 from monet_jax.model.layers import Dense, Embed, RMSNorm, rope_tables
@@ -25,6 +26,7 @@ RESIDUAL = ("batch", "seq", "act_embed")
 class CausalLMOutput:
     logits: jax.Array  # [b, t, vocab] float32
     router_probs: tuple[tuple[jax.Array, jax.Array], ...] | None = None  # per routing group: (g1, g2)
+    router_sums: tuple | None = None  # per routing group: the aux-loss token sums of Router.route
 
 
 class DecoderLayer(nnx.Module):
@@ -43,7 +45,8 @@ class DecoderLayer(nnx.Module):
             self.router = None
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, probs):
-        """``probs`` is the (g1, g2) of the routing group's first layer; returns (x, probs)."""
+        """``probs`` is the (g1, g2, sums, g1 lanes, g2 lanes) of the routing group's first layer;
+        returns (x, probs)."""
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask_btt)
         return self._mlp(x_btd, probs)
 
@@ -56,10 +59,11 @@ class DecoderLayer(nnx.Module):
         h_btd = self.post_attention_layernorm(x_btd)
         if not hasattr(self, "moe"):
             return x_btd + self.mlp(h_btd), None
-        if self.router is not None:
-            probs = self.router(h_btd)
+        if self.router is not None:  # (g1, g2, sums) and (g1, g2) in the mixing layout, once per group
+            g1, g2, sums = self.router.route(h_btd)
+            probs = (g1, g2, sums, *(probs_to_lanes(g, self.moe.compute_dtype) for g in (g1, g2)))
         deleted = None if self.deleted is None else self.deleted[...]
-        return x_btd + self.moe(h_btd, *probs, deleted=deleted), probs
+        return x_btd + self.moe(h_btd, probs[0], probs[1], deleted=deleted, lanes_probs=probs[3:]), probs
 
 
 class MonetModel(nnx.Module):
@@ -120,7 +124,7 @@ def _run_group(group, x_btd, cos_btd, sin_btd, mask_btt, remat_layers: bool = Fa
     for layer in group:
         x_btd, probs = call(layer, x_btd, cos_btd, sin_btd, mask_btt, probs)
         x_btd = constrain(x_btd, RESIDUAL)
-    return x_btd, probs
+    return x_btd, None if probs is None else probs[:3]  # the mixing-layout copies stay inside the group
 
 
 def _scan_groups(groups, x_btd, cos_btd, sin_btd, mask_btt, remat: str):
@@ -168,7 +172,10 @@ class MonetForCausalLM(nnx.Module):
         hidden_btd, probs = self.model(jnp.asarray(input_ids), attention_mask, position_ids, segment_ids)
         logits = self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
-        return CausalLMOutput(logits=logits, router_probs=probs if output_router_probs else None)
+        if not output_router_probs:
+            return CausalLMOutput(logits=logits)
+        return CausalLMOutput(logits=logits, router_probs=tuple(p[:2] for p in probs),
+                              router_sums=tuple(p[2] for p in probs))
 
     # -- decoding ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:

@@ -3,8 +3,9 @@
     python tools/aot_compile.py --config configs/monet-vd-1.4b.yaml --topology v4:4x4x2 \\
         data.batch_size=1024 data.seq_len=2048 mesh.data=1 mesh.fsdp=-1 model.remat=group optim.grad_accum=4
 
-Prints per-device memory (against the chip's HBM) and the compiler's cost analysis: FLOPs, bytes,
-its estimated step time, and the MFU that estimate implies for the model FLOPs of the config.
+Prints per-device memory (against the chip's HBM) and the compiler's cost analysis: FLOPs, bytes (plus
+the operand and result bytes of Pallas kernels, which the compiler does not count), its estimated step
+time, the MFU that estimate implies for the model FLOPs of the config, and a table of where the bytes go.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import math
 import os
 import sys
 import time
+
+from monet_jax.train import hlo_bytes
 
 # v4 and v5p chips run as one "megacore" device (two TensorCores); HBM per JAX device in that mode.
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32, "v3": 16, "v2": 8}
@@ -37,15 +40,9 @@ def _topology_env(topology: str, megacore: bool) -> tuple[str, int]:
     return f"{gen}-{cores}", chips
 
 
-def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
-    """Lower and compile the train step of ``cfg`` for ``topology``; returns the figures."""
-    import jax
-    from flax import nnx
+def tpu_devices(topology: str, *, per_core: bool = False):
+    """``(devices, chips, megacore)`` of a TPU topology, compiled for on this (CPU) host through libtpu."""
     from jax.experimental import topologies
-
-    from monet_jax import sharding
-    from monet_jax.train import metrics as M
-    from monet_jax.train.step import BATCH_KEYS, TrainState, _build
 
     gen = topology.split(":")[0]
     megacore = gen in MEGACORE and not per_core
@@ -55,8 +52,21 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: no TPU to guard with a lockfile
     kwargs = {"chip_config_name": "megacore"} if megacore else {}
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
-    devices = topo.devices
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs).devices, chips, megacore
+
+
+def compile_for_topology(cfg, topology: str, *, per_core: bool = False, cost: bool = True) -> dict:
+    """Lower and compile the train step of ``cfg`` for ``topology``; returns the figures (without
+    ``cost``, only memory and the kernels in the step: no second, unrolled compile for the costs)."""
+    import jax
+    from flax import nnx
+
+    from monet_jax import sharding
+    from monet_jax.train import metrics as M
+    from monet_jax.train.step import BATCH_KEYS, TrainState, _build
+
+    gen = topology.split(":")[0]
+    devices, chips, megacore = tpu_devices(topology, per_core=per_core)
     mesh = sharding.make_mesh(cfg.mesh, devices)
 
     cfg = dataclasses.replace(cfg, init_from=None)  # only shapes matter here
@@ -74,8 +84,22 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     state = ts.abstract()
     t0 = time.perf_counter()
     compiled = _compile(ts, cfg, state, batch)
-    compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
+        - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
+    hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
+    result = {
+        "topology": topology, "devices": len(devices), "chips": chips, "device_kind": devices[0].device_kind,
+        "megacore": megacore, "mesh": dict(mesh.shape), "tokens_per_step": rows * cfg.data.seq_len,
+        "compile_seconds": round(time.perf_counter() - t0, 1),
+        "kernel_calls": sum(compiled.as_text().count(f'custom_call_target="{t}"') for t in hlo_bytes.KERNEL_TARGETS),
+        "memory_per_device": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+                              "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+                              "code": mem.generated_code_size_in_bytes, "total": per_device},
+        "hbm_per_device": int(hbm), "fits": per_device <= hbm,
+    }
+    if not cost:
+        return result
     # XLA's cost analysis counts a loop body once, whatever its trip count: take the costs from the
     # same step with no loops (layers unrolled, one microbatch) and scale by the number of microbatches.
     # Unrolled, a microbatch may not fit in HBM (the TPU compiler then refuses it); halve it until it
@@ -99,28 +123,26 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False) -> dict:
     cost = dict(cost[0] if isinstance(cost, list | tuple) else cost)
     for key in ("flops", "bytes accessed", "optimal_seconds"):
         cost[key] = float(cost.get(key, float("nan"))) * accum * pieces
-    per_device = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
-        - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
-    hbm = HBM_GIB[gen] * 2**30 / (2 if gen in MEGACORE and per_core else 1)
+    # The cost analysis counts no traffic for a Pallas kernel (a custom call): charge each its operand
+    # and result bytes from the HLO shapes, so moving work into kernels cannot hide bytes.
+    ops = hlo_bytes.instruction_bytes(cost_compiled.as_text())
+    kernel_bytes = hlo_bytes.kernel_bytes(ops) * accum * pieces
     tokens = rows * cfg.data.seq_len
     model_flops = tokens * M.train_flops_per_token(cfg.model, cfg.data.seq_len)
     share = 2 if gen in MEGACORE and per_core else 1  # a per-core device has half a chip
     peak = (M.peak_flops(devices[0]) or float("nan")) / share
-    flops, nbytes = float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
+    flops, compiler_bytes = float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
+    nbytes = compiler_bytes + kernel_bytes
     # The compiler's own estimate when it gives one; otherwise a roofline of its FLOP and byte counts.
     seconds = float(cost.get("optimal_seconds", float("nan")))
     estimate = "compiler"
     if not seconds > 0:
         seconds, estimate = max(flops / peak, nbytes / (HBM_BYTES_PER_S[gen] / share)), "roofline"
-    return {
-        "topology": topology, "devices": len(devices), "chips": chips, "device_kind": devices[0].device_kind,
-        "megacore": megacore, "mesh": dict(mesh.shape), "tokens_per_step": tokens,
-        "compile_seconds": round(compile_s, 1), "cost_pieces_per_step": accum * pieces,
-        "memory_per_device": {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
-                              "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
-                              "code": mem.generated_code_size_in_bytes, "total": per_device},
-        "hbm_per_device": int(hbm), "fits": per_device <= hbm,
-        "compiler_flops_per_device": flops, "compiler_bytes_per_device": nbytes,
+    return result | {
+        "cost_pieces_per_step": accum * pieces,
+        "compiler_flops_per_device": flops, "compiler_bytes_per_device": compiler_bytes,
+        "kernel_bytes_per_device": kernel_bytes, "bytes_per_device": nbytes,
+        "bytes_table": hlo_bytes.table(ops, top=15, scale=accum * pieces),
         "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
         "estimated_step_seconds": seconds, "step_time_estimate": estimate,
         "model_flops_per_step": model_flops,
@@ -147,14 +169,23 @@ def _report(r: dict) -> str:
         f"memory per device: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, temporaries "
         f"{gib(m['temporaries'])}, aliased {gib(m['aliased'])}, code {gib(m['code'])}",
         f"  total {gib(m['total'])} of {gib(r['hbm_per_device'])} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"Pallas kernel calls in the step: {r['kernel_calls']}",
+    ]
+    if "bytes_per_device" not in r:
+        return "\n".join(lines)
+    lines += [
         f"compiler cost per device (loops unrolled, {r['cost_pieces_per_step']} pieces per step): "
-        f"{r['compiler_flops_per_device']:.4g} FLOPs, "
-        f"{r['compiler_bytes_per_device']:.4g} bytes accessed",
+        f"{r['compiler_flops_per_device']:.4g} FLOPs, {r['bytes_per_device']:.4g} bytes accessed "
+        f"({r['compiler_bytes_per_device']:.4g} counted by the compiler + {r['kernel_bytes_per_device']:.4g} "
+        f"operand/result bytes of Pallas kernels)",
         f"estimated step time {r['estimated_step_seconds']:.3f}s ("
         + ("the compiler's estimate" if r["step_time_estimate"] == "compiler" else
            f"roofline of the counts above; the compiler's optimal_seconds was {r['compiler_optimal_seconds']:.4g}")
         + f"); model FLOPs per step {r['model_flops_per_step']:.4g}"
         + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
+        "where the bytes go (per device and step, top-level HLO instructions of the same kind and shapes, "
+        "operand + result bytes with tile padding; the compiler's own count may differ per instruction):",
+        r["bytes_table"],
     ]
     return "\n".join(lines)
 
@@ -167,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topology", default="v4:2x2x2", help="TPU topology, e.g. v4:4x4x2 (32 chips)")
     p.add_argument("--per-core", action="store_true", help="one device per TensorCore instead of megacore")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--memory-only", action="store_true",
+                   help="compile the step once for memory and kernels; skip the unrolled compile for the costs")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs on CPU; the TPU exists only as a topology
@@ -181,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = compile_for_topology(TrainConfig.load(args.config, args.overrides), args.topology,
-                                      per_core=args.per_core)
+                                      per_core=args.per_core, cost=not args.memory_only)
     except (ConfigError, ValueError) as e:
         print(f"aot_compile: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monet_jax import sharding
 from monet_jax.model import MonetForCausalLM
-from monet_jax.model.router import aux_losses
+from monet_jax.model.router import router_aux
 from monet_jax.train.config import TrainConfig
 from monet_jax.train.optimizer import make_optimizer
 
@@ -83,13 +83,14 @@ def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: flo
                 output_router_probs=True)
     ce_sum, _ = _masked_ce(out.logits, batch)
     zero = jnp.zeros((), jnp.float32)
-    if out.router_probs:
-        terms = [aux_losses(g1, g2) for g1, g2 in out.router_probs]
-        unif = jnp.mean(jnp.stack([u for u, _ in terms]))
-        amb = jnp.mean(jnp.stack([a for _, a in terms]))
-        # Fraction of the E experts (per head, both halves) that any token of the batch routed to.
-        usage = jnp.stack([(jnp.mean(jnp.any(g1 > 0, axis=(0, 1))) + jnp.mean(jnp.any(g2 > 0, axis=(0, 1)))) / 2
-                           for g1, g2 in out.router_probs])
+    if out.router_sums:
+        # From the routers' token sums (the fused router kernel's on moe_impl=pallas), not from g again.
+        # usage: the fraction of the E experts (per head, both halves) that any token of the batch routed to.
+        tokens = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
+        terms = [router_aux(sums, tokens) for sums in out.router_sums]
+        unif = jnp.mean(jnp.stack([u for u, _, _ in terms]))
+        amb = jnp.mean(jnp.stack([a for _, a, _ in terms]))
+        usage = jnp.stack([f for _, _, f in terms])
     else:
         unif = amb = zero
         usage = jnp.zeros((0,), jnp.float32)
