@@ -171,15 +171,16 @@ class DenseMLP(nnx.Module):
 
 def _impl(layer, x_btd, g_bthe, deleted) -> str:
     """This call's path: ``xla`` / ``pallas`` (the lane-dense layer), ``sparse`` (only the ``v`` rows of the
-    experts in use), or ``masked`` (an expert deletion mask: the ``[b, t, E, m]`` einsums of DESIGN section 1)."""
+    experts in use), or ``einsum`` (the ``[b, t, E, m]`` einsums of DESIGN section 1: expert deletion masks,
+    and ``xla`` off TPU, where the lane-dense layout, made for the TPU's 128 lanes, measured slower on a CPU,
+    most of all when decoding one token per row)."""
     if deleted is not None:
         if layer.moe_impl != "xla":
             dispatch.warn_once(f"moe_impl={layer.moe_impl}: expert deletion masks run on the XLA einsum path")
-        return "masked"
-    if layer.moe_impl == "xla":
-        return "xla"
+        return "einsum"
     b, t, _ = x_btd.shape
-    return dispatch.choose(layer.moe_impl, b * t, g_bthe.shape[2], layer.experts, layer.sparse_k)
+    impl = dispatch.choose(layer.moe_impl, b * t, g_bthe.shape[2], layer.experts, layer.sparse_k)
+    return "einsum" if impl == "xla" and dispatch.target_platform() != "tpu" else impl
 
 
 def _sparse_width(layer, x_btd, g_bthe, impl: str) -> int | None:
