@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from monet_jax.data.domains import demo_domains
-from monet_jax.experts.demo import run_demo, table
+from monet_jax.eval.deletion_demo import robust, run_seeds, spread, table
 from monet_jax.experts.mask import ExpertMask
 
 
@@ -30,9 +30,33 @@ def test_table_ratio():
     assert lines[3] == "| a (3, 4 of 64 per group) | 1.900 (+0.900) | 2.100 (+0.100) | 3.100 (+0.100) | 9.0x |"
 
 
+def _result(seed, rise):
+    """A demo result whose deletion of domain d raises domain n's loss by ``rise[d][n]``."""
+    base = {"a": 1.0, "b": 2.0, "c": 3.0}
+    losses = {"None": base, **{d: {n: base[n] + r for n, r in row.items()} for d, row in rise.items()}}
+    return {"seed": seed, "losses": losses, "deleted": {d: [1, 1] for d in rise}, "experts_per_group": 64}
+
+
+def test_spread_over_seeds_and_robustness_bar():
+    r0 = _result(0, {"a": {"a": 0.30, "b": 0.02, "c": 0.04}, "b": {"a": 0.0, "b": 0.04, "c": 0.0}})
+    r1 = _result(1, {"a": {"a": 0.10, "b": 0.01, "c": 0.05}, "b": {"a": 0.0, "b": 0.20, "c": 0.1}})
+    lines = spread([r0, r1]).splitlines()
+    assert lines[2] == "| a | +0.100 / +0.200 / +0.300 | +0.030 / +0.030 / +0.030 | 2 of 2 |"
+    # b: +0.04 is under the 0.05 floor; +0.20 against a 0.05 mean rise of the others is 4x: one seed of two
+    assert lines[3] == "| b | +0.040 / +0.120 / +0.200 | +0.000 / +0.025 / +0.050 | 1 of 2 |"
+    assert robust(0.06, 0.02) and not robust(0.06, 0.021) and not robust(0.049, -1.0)
+
+
 def test_demo_runs_end_to_end_on_a_short_training(tmp_path, capsys):
-    r = run_demo(tmp_path, ["optim.steps=4", "optim.warmup_steps=1", "data.batch_size=8", "data.seq_len=64",
-                            "eval_every=1000"], chars=4000, eval_tokens=600, seq_len=64)
+    results = run_seeds(tmp_path, ["optim.steps=4", "optim.warmup_steps=1", "data.batch_size=8",
+                                   "data.seq_len=64", "eval_every=1000"], (3, 4), chars=4000, eval_tokens=600,
+                        seq_len=64)
+    assert [r["seed"] for r in results] == [3, 4]
+    assert results[0]["losses"] != results[1]["losses"]  # another corpus sample and initialization
+    assert (tmp_path / "seed4" / "demo.json").exists()
+    assert (tmp_path / "spread.md").read_text().count(" of 2 |") == 3
+    tmp_path = tmp_path / "seed3"
+    r = results[0]
     assert set(r["losses"]) == {"None", "english", "python", "arithmetic"}
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved["deleted"] == r["deleted"]

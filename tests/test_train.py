@@ -13,6 +13,7 @@ from flax import nnx
 from monet_jax import MonetForCausalLM, sharding
 from monet_jax.config import ConfigError
 from monet_jax.data.pipeline import make_iterator
+from monet_jax.kernels.reference import aux_from_sums
 from monet_jax.model.router import aux_losses
 from monet_jax.train import metrics as M
 from monet_jax.train.checkpoint import TrainCheckpoints
@@ -369,3 +370,42 @@ def test_rerunning_a_finished_or_different_run(tmp_path, capsys):
     summary = run(tiny("optim.steps=3", "model.hidden_size=64", "checkpoint.resume=false", f"out_dir={tmp_path}"))
     assert summary["resumed_from"] == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+
+
+def test_dense_aux_probs_reach_unused_experts_and_leave_routing_unchanged():
+    """aux_probs=dense: the uniformity loss reads softmax(z) over every expert, so a router column that no
+    token routes to still gets a gradient (with the paper's g it gets none); g and the logits are unchanged."""
+    cfg = tiny("model.num_hidden_layers=1", "model.moe_groups=1")
+    model = MonetForCausalLM(cfg.model, rngs=nnx.Rngs(0))
+    model.train()
+    router = model.model.layers[0].router
+    dead = 5
+    kernel = np.array(router.w1.kernel[...]).reshape(cfg.model.hidden_size, cfg.model.moe_heads, -1)
+    kernel[:, :, dead] = -5 * np.abs(kernel[:, :, dead])  # with positive inputs: far below every other logit
+    router.w1.kernel[...] = jnp.asarray(kernel.reshape(cfg.model.hidden_size, -1))
+    x = jnp.abs(jax.random.normal(jax.random.key(0), (2, 8, cfg.model.hidden_size))) + 0.5
+
+    def unif_grad(kind):
+        router.aux_probs = kind
+
+        def loss(r):
+            g1, g2, sums = r.route(x)
+            return sum(aux_from_sums(u, a, 16)[0] for _, a, u in sums), (g1, g2, sums)
+
+        (unif, out), grads = nnx.value_and_grad(loss, has_aux=True)(router)
+        return float(unif), out, np.asarray(grads["w1"]["kernel"][...]).reshape(kernel.shape)
+
+    _, (g1, g2, sums), grad_routed = unif_grad("routed")
+    unif_dense, (d1, d2, dsums), grad_dense = unif_grad("dense")
+    assert float(jnp.max(g1[..., dead])) == 0.0  # no token routes to the planted expert in any head
+    assert np.all(grad_routed[:, :, dead] == 0.0)
+    assert np.abs(grad_dense[:, :, dead]).max() > 1e-3
+    np.testing.assert_array_equal(np.asarray(d1), np.asarray(g1))
+    np.testing.assert_array_equal(np.asarray(d2), np.asarray(g2))
+    np.testing.assert_array_equal(np.asarray(dsums[0][0]), np.asarray(sums[0][0]))  # usage still from g
+    # the dense sums are the softmax of the raw logits over all experts, summed over tokens
+    z = np.asarray(x.reshape(16, -1) @ router.w1.kernel[...]).reshape(16, cfg.model.moe_heads, -1)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(dsums[0][2]), (p / p.sum(-1, keepdims=True)).sum(0), rtol=1e-5)
+    assert 0 < unif_dense < 23
+

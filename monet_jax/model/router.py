@@ -72,6 +72,7 @@ class Router(nnx.Module):
         self.norm1 = HeadBatchNorm(self.heads)
         self.norm2 = HeadBatchNorm(self.heads)
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, cfg.moe_experts)
+        self.aux_probs = "routed"  # what the uniformity loss's token sums add up (training only: see route)
 
     def __call__(self, x_btd):
         """Returns ``(g1, g2)``, each ``[b, t, H, E]`` float32."""
@@ -80,7 +81,13 @@ class Router(nnx.Module):
     def route(self, x_btd):
         """``(g1, g2, sums)``: the routing probabilities and, for the aux losses, ``sums`` = per half the
         token sums ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]`` (from the fused router
-        kernel's pass on ``pallas``, so the training step never reads ``g`` again for them)."""
+        kernel's pass on ``pallas``, so the training step never reads ``g`` again for them).
+
+        A third sum ``[H, E]`` is what the uniformity loss reads: ``sum_bt g`` again, or with
+        ``aux_probs = "dense"`` the sum of ``softmax(z)`` over all ``E`` experts. An expert below the
+        threshold on every token has ``g = 0``, so no gradient through ``g``, and once unused it never comes
+        back; the dense probabilities give every expert the uniformity loss's gradient. ``g`` and the
+        layer's output do not change."""
         b, t, _ = x_btd.shape
         fused = dispatch.choose(self.moe_impl, b * t, self.heads, self.experts, self.sparse_k) == "pallas"
         probs, sums = [], []
@@ -92,20 +99,22 @@ class Router(nnx.Module):
             else:
                 g = sparse_softmax(z_bthe, norm(z_bthe), self.sigma)
                 col, amb = jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))
+            dense = jnp.sum(jax.nn.softmax(z_bthe, axis=-1), axis=(0, 1)) if self.aux_probs == "dense" else col
             probs.append(g)
-            sums.append((col, amb))
+            sums.append((col, amb, dense))
         return probs[0], probs[1], tuple(sums)
 
 
 def router_aux(sums, tokens: int):
     """Uniformity and ambiguity losses of one router (DESIGN section 1), averaged over its two halves,
     and the fraction of experts any of the ``tokens`` routed to, from :meth:`Router.route`'s sums."""
-    halves = [aux_from_sums(col_he, amb_h, tokens) for col_he, amb_h in sums]
-    usage = sum(jnp.mean(col_he > 0) for col_he, _ in sums) / 2  # g >= 0: a sum > 0 iff some token used it
+    halves = [aux_from_sums(unif_he, amb_h, tokens) for _, amb_h, unif_he in sums]
+    usage = sum(jnp.mean(col_he > 0) for col_he, _, _ in sums) / 2  # g >= 0: a sum > 0 iff some token used it
     return sum(u for u, _ in halves) / 2, sum(a for _, a in halves) / 2, usage
 
 
 def aux_losses(g1_bthe, g2_bthe):
     """Uniformity and ambiguity losses of one router from its probabilities (the reference of the sums)."""
     sums = [(jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))) for g in (g1_bthe, g2_bthe)]
+    sums = [(col, amb, col) for col, amb in sums]
     return router_aux(sums, g1_bthe.shape[0] * g1_bthe.shape[1])[:2]

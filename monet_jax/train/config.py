@@ -59,7 +59,8 @@ class TrainConfig:
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     init_from: str | None = None     # an HF or converted checkpoint to continue pre-training / fine-tune
     freeze_routers: bool = False     # keep router weights and BatchNorm statistics fixed (fine-tuning)
-    aux_loss_coef: float = 1e-3
+    aux_loss_coef: float = 1e-2      # the paper's 1e-3 is in configs/pretrain-v4-64.yaml (README: expert health)
+    aux_probs: Literal["routed", "dense"] = "dense"  # uniformity loss over g (paper) or softmax(z) (Router.route)
     nan_policy: Literal["skip", "stop"] = "skip"
     seed: int = 0
     out_dir: str = "runs/default"

@@ -155,15 +155,17 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                 tok_s = window_steps * tokens_per_step / (now - t_window)
                 t_window, window_steps = now, 0
                 usage = np.asarray(m["expert_usage"])
-                scalars = {k: float(m[k]) for k in ("loss", "ce", "unif", "amb", "grad_norm")}
+                scalars = {k: float(m[k]) for k in ("loss", "ce", "unif", "amb", "unif_routed", "grad_norm")}
                 scalars.update(lr=float(schedule(step - 1)), tokens_per_second=tok_s,
                                mfu=M.mfu(tok_s, cfg.model, cfg.data.seq_len, jax.device_count()),
                                skipped_steps=skipped)
                 scalars.update({f"expert_usage/group{g}": float(u) for g, u in enumerate(usage)})
+                scalars["expert_usage"] = float(usage.mean()) if usage.size else None
                 writer.write(step, scalars)
                 first = first or scalars
                 last = scalars
                 post = dict(loss=f"{scalars['ce']:.3f}", aux=f"{scalars['unif']:.2f}/{scalars['amb']:.3f}",
+                            used=f"{100 * usage.mean():.0f}%" if usage.size else "-",
                             lr=f"{scalars['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
                 if scalars["mfu"] is not None:
                     post["mfu"] = f"{100 * scalars['mfu']:.1f}%"
@@ -203,6 +205,8 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                "first_train_loss": first["ce"] if first else None, "final_train_loss": last["ce"] if last else None,
                "final_val_loss": history[-1][1] if history else None,
                "aux_unif": last["unif"] if last else None, "aux_amb": last["amb"] if last else None,
+               "routed_unif": last["unif_routed"] if last else None,
+               "expert_usage": last["expert_usage"] if last else None,
                "seconds": round(elapsed, 1),
                "tokens_per_second": round(ran * tokens_per_step / elapsed) if ran else None,
                "model_flops_per_token": flops_per_token}

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monet_jax import sharding
+from monet_jax.kernels.reference import aux_from_sums
 from monet_jax.model import MonetForCausalLM
 from monet_jax.model.router import router_aux
 from monet_jax.train.config import TrainConfig
@@ -47,6 +48,9 @@ class TrainState:
 def _build(cfg: TrainConfig, model: MonetForCausalLM | None = None):
     model = model if model is not None else MonetForCausalLM(cfg.model, rngs=nnx.Rngs(cfg.seed))
     model.train()
+    for layer in model.model.layers:
+        if layer.router is not None:
+            layer.router.aux_probs = cfg.aux_probs
     if cfg.freeze_routers:
         for layer in model.model.layers:  # routing stays exactly as loaded: running statistics only
             if layer.router is not None:
@@ -91,11 +95,15 @@ def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: flo
         unif = jnp.mean(jnp.stack([u for u, _, _ in terms]))
         amb = jnp.mean(jnp.stack([a for _, a, _ in terms]))
         usage = jnp.stack([f for _, _, f in terms])
+        # The paper's uniformity (over g) as a health measure, whatever the loss reads (aux_probs).
+        routed = jnp.mean(jnp.stack([aux_from_sums(col, amb_h, tokens)[0]
+                                     for sums in out.router_sums for col, amb_h, _ in sums]))
     else:
-        unif = amb = zero
+        unif = amb = routed = zero
         usage = jnp.zeros((0,), jnp.float32)
     loss = ce_sum / total_tokens + aux_coef * (unif + amb) / micro
-    return loss, {"ce_sum": ce_sum, "unif": unif / micro, "amb": amb / micro, "usage": usage}
+    return loss, {"ce_sum": ce_sum, "unif": unif / micro, "amb": amb / micro, "usage": usage,
+                  "unif_routed": routed / micro}
 
 
 def _masked_ce(logits, batch):
@@ -135,7 +143,7 @@ def _grads(model: MonetForCausalLM, batch: dict, cfg: TrainConfig):
         return (nnx.state(m, nnx.Not(nnx.Param)), acc), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    aux0 = {"ce_sum": 0.0, "unif": 0.0, "amb": 0.0,
+    aux0 = {"ce_sum": 0.0, "unif": 0.0, "amb": 0.0, "unif_routed": 0.0,
             "usage": jnp.zeros((cfg.model.num_routers,), jnp.float32)}
     aux0 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux0)
     (rest, (loss, aux, grads)), _ = jax.lax.scan(body, (rest, (jnp.zeros(()), aux0, zeros)), mbs)
@@ -160,7 +168,7 @@ def make_train_step(ts: TrainState, cfg: TrainConfig, rules=sharding.DEFAULT_RUL
         tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         metrics = {"loss": loss, "ce": aux["ce_sum"] / jnp.maximum(tokens, 1.0), "unif": aux["unif"],
                    "amb": aux["amb"], "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
-                   "expert_usage": aux["usage"]}
+                   "expert_usage": aux["usage"], "unif_routed": aux["unif_routed"]}
         return new_state, metrics
 
     replicated = NamedSharding(ts.mesh, PartitionSpec())

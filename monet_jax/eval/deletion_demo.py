@@ -1,7 +1,8 @@
 """End-to-end expert deletion on the embedded default: train the tiny Monet on three domains, select
-each domain's experts by the paper's rule, delete them, and compare per-domain losses.
+each domain's experts by the paper's rule, delete them, and compare per-domain losses; over several seeds
+(corpus sample, shuffle and initialization), so that the effect is shown to be robust, not one lucky run.
 
-    python tools/deletion_demo.py [--out runs/demo] [key=value training overrides]
+    python tools/deletion_demo.py [--out runs/demo] [--seeds 0,1,2] [key=value training overrides]
 """
 
 from __future__ import annotations
@@ -13,10 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from monet_jax.data.domains import demo_domains
-
-# At this size the paper's aux weight (1e-3) lets routing collapse onto few experts; 1e-2 keeps more of them
-# in use, lowers every domain's loss and gives each domain more experts of its own.
-DEFAULT_OVERRIDES = ("aux_loss_coef=1e-2",)
 
 
 def write_corpora(out: Path, chars: int, held_out: float, seed: int) -> dict[str, dict[str, Path]]:
@@ -55,7 +52,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = (), *
     out = Path(out)
     paths = write_corpora(out / "data", chars, held_out, seed)
     cfg = TrainConfig.load(None, [f"data.path={out / 'data' / 'train.jsonl'}", f"out_dir={out / 'run'}",
-                                  *DEFAULT_OVERRIDES, *overrides])
+                                  f"seed={seed}", *overrides])
     run(cfg)
     model = MonetForCausalLM.from_pretrained(out / "run" / "checkpoint")
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -72,7 +69,7 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = (), *
         if deleted is not None:
             masks[deleted].save(out / "masks" / f"{deleted}.json")
     apply_mask(model, None)
-    result = {"losses": {str(k): v for k, v in losses.items()},
+    result = {"seed": seed, "losses": {str(k): v for k, v in losses.items()},
               "deleted": {k: [int(g.size) for g in m.groups] for k, m in masks.items()},
               "experts_per_group": model.config.moe_experts**2}
     (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -98,3 +95,53 @@ def table(result: dict) -> str:
         lines.append(f"| {target} ({share} of {per_group:,} per group) | "
                      + " | ".join(f"{row[n]:.3f} ({rise[n]:+.3f})" for n in names) + f" | {ratio} |")
     return "\n".join(lines)
+
+
+# A deletion is "robust" when the domain's own held-out loss rises by at least this much ...
+MIN_RISE = 0.05
+# ... and by at least this many times the mean rise of the other domains.
+MIN_RATIO = 3.0
+
+
+def rises(result: dict) -> dict[str, tuple[float, float]]:
+    """Per deleted domain: (its own loss rise, mean rise of the other domains)."""
+    base = result["losses"]["None"]
+    out = {}
+    for target in result["deleted"]:
+        row = result["losses"][target]
+        out[target] = (row[target] - base[target],
+                       float(np.mean([row[n] - base[n] for n in base if n != target])))
+    return out
+
+
+def robust(own: float, others: float) -> bool:
+    return own >= MIN_RISE and own >= MIN_RATIO * max(others, 0.0)
+
+
+def spread(results: list[dict]) -> str:
+    """Markdown: per domain, its own rise and the others' mean rise over the seeds (min / mean / max),
+    and in how many seeds the deletion met the robustness bar."""
+    per = [rises(r) for r in results]
+    lines = [f"| experts deleted | own rise: min / mean / max over {len(results)} seeds | others' mean rise: "
+             f"min / mean / max | seeds with own rise >= {MIN_RISE} and >= {MIN_RATIO:g}x others |",
+             "|---|---|---|---|"]
+    for target in per[0]:
+        own = np.array([p[target][0] for p in per])
+        oth = np.array([p[target][1] for p in per])
+        ok = sum(robust(a, b) for a, b in zip(own, oth, strict=True))
+        lines.append(f"| {target} | {own.min():+.3f} / {own.mean():+.3f} / {own.max():+.3f} | "
+                     f"{oth.min():+.3f} / {oth.mean():+.3f} / {oth.max():+.3f} | {ok} of {len(results)} |")
+    return "\n".join(lines)
+
+
+def run_seeds(out: str | Path, overrides: list[str] | tuple = (), seeds: tuple[int, ...] = (0, 1, 2),
+              **kw) -> list[dict]:
+    """:func:`run_demo` once per seed (under ``out/seed<N>``), then the spread over seeds."""
+    results = []
+    for seed in seeds:
+        print(f"seed {seed}:")
+        results.append(run_demo(Path(out) / f"seed{seed}", overrides, seed=seed, **kw))
+    summary = spread(results)
+    (Path(out) / "spread.md").write_text(summary + "\n")
+    print(f"\nover seeds {', '.join(map(str, seeds))}:\n{summary}")
+    return results
