@@ -4,6 +4,7 @@ pages driven in a headless Chromium (skipped without one)."""
 import json
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -11,11 +12,12 @@ from flax import nnx
 from monet_jax import MonetForCausalLM
 from monet_jax.config import MonetConfig
 from monet_jax.data.tokenizer import OFFSET, load_tokenizer
+from monet_jax.data.windows import document_tokens
 from monet_jax.eval.main import main as eval_main
 from monet_jax.experts import atlas_files
 from monet_jax.experts.atlas import AtlasOptions, collect, token_pieces
 from monet_jax.experts.mask import ExpertMask
-from monet_jax.experts.stats import ExpertStats
+from monet_jax.experts.stats import ExpertStats, TopContexts, expert_scores, routed_batches
 from monet_jax.experts.viewer import find_chromium
 
 E, H = 8, 2
@@ -210,6 +212,37 @@ def test_site_is_written_atomically(model, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"] and not (first / "stale.txt").exists()
 
 
+def test_top_contexts_equal_brute_force(model):
+    """TopContexts's batch-by-batch merge keeps each expert's best tokens over the corpus, and the scores
+    of their neighbours in the window (here every document is one window; group 1 is not planted)."""
+    tok = load_tokenizer("byte")
+    model.eval()
+    docs = document_tokens(tok, DOCS)
+    ids = np.arange(0, E * E, 3)
+    found = TopContexts(ids.size, 3, width=2)
+    for batch, count, probs in routed_batches(model, docs, seq_len=64, batch_size=3, pad_id=0, desc="test"):
+        count[:, 0] = False
+        found.add(expert_scores(*probs[1], jnp.asarray(ids // E), jnp.asarray(ids % E)), count, batch)
+    padded = np.zeros((len(docs), 64), np.int32)
+    for r, d in enumerate(docs):
+        padded[r, :d.size] = d
+    g1, g2 = (np.asarray(g, np.float64) for g in model(padded, attention_mask=(padded > 0).astype(np.int32),
+                                                          output_router_probs=True).router_probs[1])
+    s_all = np.einsum("bthi,bthj->btij", g1, g2).reshape(len(docs), 64, -1)[..., ids]
+    tables = [s_all[r, :d.size] for r, d in enumerate(docs)]
+    checked = 0
+    for n in range(ids.size):
+        want = sorted((s[p, n] for s in tables for p in range(1, s.shape[0]) if s[p, n] > 0), reverse=True)[:3]
+        got = found.contexts(n)
+        np.testing.assert_allclose([c.score for c in got], want, rtol=1e-5)
+        for f, c in enumerate(got):
+            s = tables[c.doc][:, n]
+            window = [s[p] if 0 <= p < s.size else np.nan for p in range(c.position - 2, c.position + 3)]
+            np.testing.assert_allclose(found.near[n, f], window, rtol=1e-5, atol=1e-7)
+            checked += 1
+    assert checked > ids.size  # most experts have several contexts: the merge was exercised
+
+
 def test_token_pieces_join_into_the_text():
     tok = load_tokenizer("byte")
     ids = tok.encode("añb€")
@@ -274,6 +307,13 @@ def test_search_finds_the_planted_expert(site, browser):
     first = browser.wait("(() => { const r = document.querySelector('#search-results tr[data-g=\"0\"]'); "
                          "return r && Number(r.dataset.id); })()")
     assert first == PLANTED
+    browser.eval("document.querySelector('#q').value = ''")
+    browser.type("#q", str(PLANTED))  # a bare id: the groups that keep it (and the digits as tokens)
+    found = browser.wait("(() => { const r = document.querySelector('#id-results'); "
+                         "return r && [...r.querySelectorAll('a')].map(a => a.textContent); })()")
+    kept = [g for g in range(2) if PLANTED in load_js(site / "data" / f"g{g}" / "index.js")["id"]]
+    assert found == [f"{g}:{PLANTED}" for g in kept]
+    assert found[0] == f"0:{PLANTED}"
     browser.eval("document.querySelector('#q').value = ''")
     browser.type("#q", f"0:{PLANTED}")
     browser.press_enter()

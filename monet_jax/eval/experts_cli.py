@@ -1,4 +1,4 @@
-"""``eval.py experts ...``: the expert microscope (tokens, stats, view) and scalpel (select-domain,
+"""``eval.py experts ...``: the expert microscope (tokens, stats, view, atlas) and scalpel (select-domain,
 select-correlated). Masks written here are read back by every eval subcommand's ``--mask``."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def add_parsers(sub, common, corpus):
     atlas.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
     atlas.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
     dist.add_launch_args(atlas)
-    _data_args(atlas, required=False)
+    _data_args(atlas, required=False, default="the embedded corpus")
     atlas.set_defaults(mask=None)
     atlas.add_argument("--out", required=True, help="the site's directory (an earlier atlas there is replaced)")
     atlas.add_argument("--experts", type=int, default=1024, help="experts kept per group, those with the most mass")
@@ -73,10 +73,10 @@ def add_parsers(sub, common, corpus):
     atlas.add_argument("--png", default=None, help="also a screenshot of the index (needs Chromium)")
 
 
-def _data_args(p, required=True):
+def _data_args(p, required=True, default=None):
     p.add_argument("--data", required=required, default=None,
                    help="text file, directory, glob, JSONL, Parquet or ArrayRecord"
-                        + ("" if required else " (atlas: default the embedded corpus)"))
+                        + (f" (default: {default})" if default else ""))
     p.add_argument("--format", default="auto")
     p.add_argument("--text-key", default="text")
 
