@@ -10,6 +10,21 @@ function intParam(p, name, lo, hi) {
   return v >= lo && v <= hi ? v : null;
 }
 
+// Wrap an async renderer that returns a function showing its result: only the latest call's result is
+// shown (an earlier one finishing later is dropped), and an error is shown in `where`.
+function latest(renderer, where) {
+  let calls = 0;
+  return async () => {
+    const mine = ++calls;
+    try {
+      const commit = await renderer();
+      if (mine === calls) commit();
+    } catch (err) {
+      if (mine === calls) showError(where, err);
+    }
+  };
+}
+
 async function run(page) {
   const root = document.getElementById("app");
   try {
@@ -36,7 +51,10 @@ async function indexPage(root) {
                          placeholder: "a token or text (experts that fire most on it), or an expert: G:ID or ID"});
   const results = el("div", {id: "results", class: "results"});
   let timer = null, target = null;
-  const update = async () => { target = await showSearch(q.value, results); };
+  const update = latest(async () => {
+    const box = el("div"), t = await showSearch(q.value, box);
+    return () => { results.replaceChildren(...box.childNodes); target = t; };
+  }, results);
   q.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(update, 150); });
   q.addEventListener("keydown", async ev => {
     if (ev.key !== "Enter") return;
@@ -230,10 +248,15 @@ async function textPage(root) {
   root.append(box, el("div", {class: "controls"}, "Experts of ", groupSel,
     " (per token, the 3 with the highest mean score on it)"), out);
   let timer = null;
-  const update = () => { clearTimeout(timer); timer = setTimeout(() => show(box.value, Number(groupSel.value), out), 150); };
+  const render = latest(async () => {
+    const table = el("div");
+    await show(box.value, Number(groupSel.value), table);
+    return () => out.replaceChildren(...table.childNodes);
+  }, out);
+  const update = () => { clearTimeout(timer); timer = setTimeout(render, 150); };
   box.addEventListener("input", update);
   groupSel.addEventListener("change", update);
-  if (p.get("text")) { box.value = p.get("text"); await show(box.value, -1, out); }
+  if (p.get("text")) { box.value = p.get("text"); await render(); }
 }
 
 async function show(text, only, out) {
