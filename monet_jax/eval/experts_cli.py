@@ -1,4 +1,4 @@
-"""``eval.py experts ...``: the expert microscope (tokens, stats, view) and scalpel (select-domain,
+"""``eval.py experts ...``: the expert microscope (tokens, stats, view, atlas) and scalpel (select-domain,
 select-correlated). Masks written here are read back by every eval subcommand's ``--mask``."""
 
 from __future__ import annotations
@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from monet_jax import distributed as dist
 
 
 def add_parsers(sub, common, corpus):
@@ -51,10 +53,30 @@ def add_parsers(sub, common, corpus):
     view.add_argument("--out", required=True, help="the HTML file to write")
     view.add_argument("--png", default=None, help="also a screenshot (needs Chromium)")
 
+    # Its own parents: here --mask labels experts with a selection's domain instead of deleting them.
+    atlas = sub.add_parser("atlas", parents=[corpus], help="a static HTML site of the experts: ranked lists, "
+                           "pages with top contexts, token search and a text box (opens from disk)")
+    atlas.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
+    atlas.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
+    dist.add_launch_args(atlas)
+    _data_args(atlas, required=False, default="the embedded corpus")
+    atlas.set_defaults(mask=None)
+    atlas.add_argument("--out", required=True, help="the site's directory (an earlier atlas there is replaced)")
+    atlas.add_argument("--experts", type=int, default=1024, help="experts kept per group, those with the most mass")
+    atlas.add_argument("--contexts", type=int, default=12, help="top-activating contexts per expert")
+    atlas.add_argument("--context-tokens", type=int, default=12, help="tokens shown each side of a context")
+    atlas.add_argument("--tokens", type=int, default=4096, help="vocabulary tokens indexed (the most frequent)")
+    atlas.add_argument("--token-experts", type=int, default=8, help="experts listed per indexed token and group")
+    atlas.add_argument("--mask", action="append", default=[], dest="domain_masks", metavar="NAME=FILE",
+                       help="a mask of select-domain / select-correlated: its experts are labelled NAME "
+                            "(nothing is deleted); repeat for several")
+    atlas.add_argument("--png", default=None, help="also a screenshot of the index (needs Chromium)")
 
-def _data_args(p, required=True):
+
+def _data_args(p, required=True, default=None):
     p.add_argument("--data", required=required, default=None,
-                   help="text file, directory, glob, JSONL, Parquet or ArrayRecord")
+                   help="text file, directory, glob, JSONL, Parquet or ArrayRecord"
+                        + (f" (default: {default})" if default else ""))
     p.add_argument("--format", default="auto")
     p.add_argument("--text-key", default="text")
 
@@ -67,8 +89,9 @@ def read_corpus(path, fmt="auto", text_key="text") -> list:
 
 
 def run(args, model, tokenizer) -> int:
-    return {"tokens": _tokens, "stats": _stats, "select-domain": _select_domain,
-            "select-correlated": _select_correlated, "view": _view}[args.experts_command](args, model, tokenizer)
+    handlers = {"tokens": _tokens, "stats": _stats, "select-domain": _select_domain,
+                "select-correlated": _select_correlated, "view": _view, "atlas": _atlas}
+    return handlers[args.experts_command](args, model, tokenizer)
 
 
 def _corpus_kw(args) -> dict:
@@ -223,4 +246,43 @@ def _view(args, model, tokenizer) -> int:
     print(f"wrote {out}")
     if args.png:
         print(f"wrote {screenshot(out, args.png)}")
+    return 0
+
+
+def _domain_masks(specs: list[str]) -> dict:
+    """``NAME=FILE`` (or ``FILE``, named by its stem) -> the loaded masks."""
+    from monet_jax.experts.mask import ExpertMask
+
+    masks = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).stem, spec)
+        if not name or not path:
+            raise ValueError(f"--mask expects NAME=FILE, got {spec!r}")
+        if name in masks:
+            raise ValueError(f"--mask {name!r} given twice")
+        masks[name] = ExpertMask.load(path)
+    return masks
+
+
+def _atlas(args, model, tokenizer) -> int:
+    from monet_jax.experts.atlas import AtlasOptions, collect, expert_domains
+    from monet_jax.experts.atlas_files import check_out, site_size, write_site
+    from monet_jax.experts.viewer import screenshot
+
+    options = AtlasOptions(args.experts, args.contexts, args.context_tokens, args.tokens, args.token_experts)
+    masks = expert_domains(_domain_masks(args.domain_masks), model)
+    check_out(args.out)
+    atlas = collect(model, tokenizer, read_corpus(args.data, args.format, args.text_key), options,
+                    **_corpus_kw(args))
+    source = {"checkpoint": str(args.checkpoint), "corpus": args.data or "the embedded corpus",
+              "seq_len": args.seq_len}
+    out = write_site(atlas, tokenizer, model.config, args.out, masks=masks, source=source)
+    size, files = site_size(out)
+    kept = ", ".join(f"{g.ids.size:,}" for g in atlas.groups)
+    print(f"{atlas.stats.tokens:,} tokens, {len(atlas.docs)} documents; experts kept per group: {kept} of "
+          f"{model.config.moe_experts ** 2:,}; {atlas.token_ids.size:,} tokens indexed")
+    print(f"wrote {out / 'index.html'}: {size / 2**20:.2f} MiB in {files} files")
+    if args.png:
+        print(f"wrote {screenshot(out / 'index.html', args.png)}")
     return 0

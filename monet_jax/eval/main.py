@@ -6,6 +6,7 @@
     python eval.py experts tokens runs/default/checkpoint --text "def main():"
     python eval.py experts stats runs/default/checkpoint --data corpus.jsonl --out stats/
     python eval.py experts view runs/default/checkpoint --expert 0:37 --text "..." --out expert.html [--png P]
+    python eval.py experts atlas runs/default/checkpoint [--data corpus.jsonl] --out atlas/   # a static site
     python eval.py experts select-domain runs/default/checkpoint --domain code=a.jsonl --domain prose=b.txt --out m/
     python eval.py experts select-correlated runs/default/checkpoint --data scored.jsonl --score-key tox --out m.json
     python eval.py perplexity runs/default/checkpoint --mask m/code.json     # any subcommand: --mask FILE
