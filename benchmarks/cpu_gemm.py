@@ -34,7 +34,8 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(0)
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
-        fns = {"xla": lambda: mm(ja, jb).block_until_ready(), "torch": lambda: torch.matmul(ta, tb)}
+        fns = {"xla": lambda ja=ja, jb=jb: mm(ja, jb).block_until_ready(),
+               "torch": lambda ta=ta, tb=tb: torch.matmul(ta, tb)}
         np.testing.assert_allclose(np.asarray(mm(ja, jb)), torch.matmul(ta, tb).numpy(), rtol=1e-3, atol=1e-2)
         best = dict.fromkeys(fns, float("inf"))
         for fn in fns.values():
