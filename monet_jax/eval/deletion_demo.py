@@ -86,14 +86,12 @@ def table(result: dict) -> str:
              "|---" * (len(names) + 2) + "|",
              "| none | " + " | ".join(f"{base[n]:.3f}" for n in names) + " | |"]
     per_group = result["experts_per_group"]
-    for target, counts in result["deleted"].items():
-        row = result["losses"][target]
-        rise = {n: row[n] - base[n] for n in names}
-        others = np.mean([rise[n] for n in names if n != target])
-        ratio = f"{rise[target] / others:.1f}x" if others > 0 else "inf (others did not rise)"
+    for target, (own, others) in rises(result).items():
+        row, counts = result["losses"][target], result["deleted"][target]
+        ratio = f"{own / others:.1f}x" if others > 0 else "inf (others did not rise)"
         share = ", ".join(f"{c}" for c in counts)
         lines.append(f"| {target} ({share} of {per_group:,} per group) | "
-                     + " | ".join(f"{row[n]:.3f} ({rise[n]:+.3f})" for n in names) + f" | {ratio} |")
+                     + " | ".join(f"{row[n]:.3f} ({row[n] - base[n]:+.3f})" for n in names) + f" | {ratio} |")
     return "\n".join(lines)
 
 

@@ -106,15 +106,18 @@ class Router(nnx.Module):
 
 
 def router_aux(sums, tokens: int):
-    """Uniformity and ambiguity losses of one router (DESIGN section 1), averaged over its two halves,
-    and the fraction of experts any of the ``tokens`` routed to, from :meth:`Router.route`'s sums."""
-    halves = [aux_from_sums(unif_he, amb_h, tokens) for _, amb_h, unif_he in sums]
+    """``(unif, amb, usage, routed_unif)`` of one router from :meth:`Router.route`'s sums, averaged over its
+    two halves: the uniformity loss (over the sums ``aux_probs`` chose) and ambiguity loss (DESIGN section 1),
+    the fraction of experts any of the ``tokens`` routed to, and the paper's uniformity over ``g`` (a health
+    measure whatever the loss reads)."""
+    unif = sum(aux_from_sums(unif_he, amb_h, tokens)[0] for _, amb_h, unif_he in sums) / 2
+    routed, amb = (sum(x) / 2 for x in zip(*(aux_from_sums(col, amb_h, tokens) for col, amb_h, _ in sums)))
     usage = sum(jnp.mean(col_he > 0) for col_he, _, _ in sums) / 2  # g >= 0: a sum > 0 iff some token used it
-    return sum(u for u, _ in halves) / 2, sum(a for _, a in halves) / 2, usage
+    return unif, amb, usage, routed
 
 
 def aux_losses(g1_bthe, g2_bthe):
     """Uniformity and ambiguity losses of one router from its probabilities (the reference of the sums)."""
-    sums = [(jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))) for g in (g1_bthe, g2_bthe)]
-    sums = [(col, amb, col) for col, amb in sums]
+    cols = [jnp.sum(g, axis=(0, 1)) for g in (g1_bthe, g2_bthe)]
+    sums = [(c, jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1)), c) for c, g in zip(cols, (g1_bthe, g2_bthe))]
     return router_aux(sums, g1_bthe.shape[0] * g1_bthe.shape[1])[:2]

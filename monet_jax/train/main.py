@@ -165,7 +165,7 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                 first = first or scalars
                 last = scalars
                 post = dict(loss=f"{scalars['ce']:.3f}", aux=f"{scalars['unif']:.2f}/{scalars['amb']:.3f}",
-                            used=f"{100 * usage.mean():.0f}%" if usage.size else "-",
+                            used="-" if scalars["expert_usage"] is None else f"{100 * scalars['expert_usage']:.0f}%",
                             lr=f"{scalars['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
                 if scalars["mfu"] is not None:
                     post["mfu"] = f"{100 * scalars['mfu']:.1f}%"

@@ -18,7 +18,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from monet_jax import sharding
-from monet_jax.kernels.reference import aux_from_sums
 from monet_jax.model import MonetForCausalLM
 from monet_jax.model.router import router_aux
 from monet_jax.train.config import TrainConfig
@@ -51,9 +50,7 @@ def _build(cfg: TrainConfig, model: MonetForCausalLM | None = None):
     for layer in model.model.layers:
         if layer.router is not None:
             layer.router.aux_probs = cfg.aux_probs
-    if cfg.freeze_routers:
-        for layer in model.model.layers:  # routing stays exactly as loaded: running statistics only
-            if layer.router is not None:
+            if cfg.freeze_routers:  # routing stays exactly as loaded: running statistics only
                 layer.router.norm1.use_running_average = layer.router.norm2.use_running_average = True
     optimizer = nnx.Optimizer(model, make_optimizer(cfg.optim, freeze_routers=cfg.freeze_routers), wrt=nnx.Param)
     return model, optimizer
@@ -92,12 +89,8 @@ def loss_terms(model: MonetForCausalLM, batch: dict, total_tokens, aux_coef: flo
         # usage: the fraction of the E experts (per head, both halves) that any token of the batch routed to.
         tokens = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
         terms = [router_aux(sums, tokens) for sums in out.router_sums]
-        unif = jnp.mean(jnp.stack([u for u, _, _ in terms]))
-        amb = jnp.mean(jnp.stack([a for _, a, _ in terms]))
-        usage = jnp.stack([f for _, _, f in terms])
-        # The paper's uniformity (over g) as a health measure, whatever the loss reads (aux_probs).
-        routed = jnp.mean(jnp.stack([aux_from_sums(col, amb_h, tokens)[0]
-                                     for sums in out.router_sums for col, amb_h, _ in sums]))
+        unif, amb, routed = (jnp.mean(jnp.stack([t[i] for t in terms])) for i in (0, 1, 3))
+        usage = jnp.stack([t[2] for t in terms])
     else:
         unif = amb = routed = zero
         usage = jnp.zeros((0,), jnp.float32)
