@@ -68,3 +68,28 @@ def test_demo_runs_end_to_end_on_a_short_training(tmp_path, capsys):
         assert sum(map(len, sets)) == len(set().union(*sets))
     assert np.isfinite([v for row in r["losses"].values() for v in row.values()]).all()
     assert "| experts deleted |" in capsys.readouterr().out
+
+
+def test_resume_reads_back_only_seeds_made_with_the_same_settings(tmp_path, monkeypatch, capsys):
+    import monet_jax.eval.deletion_demo as demo
+
+    ran = []
+
+    def fake_run_demo(out, overrides, *, seed, **kw):
+        ran.append(seed)
+        result = _result(seed, {"a": {"a": 0.3, "b": 0.0, "c": 0.0}})
+        result["settings"] = demo._settings(overrides, kw.get("chars", 100_000), 0.15, kw.get("ratio", demo.RATIO), 128,
+                                            None, seed)
+        out.mkdir(parents=True)
+        (out / "demo.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    first = run_seeds(tmp_path, ["optim.steps=4"], (0, 1), chars=500)
+    assert ran == [0, 1]
+    again = run_seeds(tmp_path, ["optim.steps=4"], (0, 1), resume=True, chars=500)
+    assert ran == [0, 1] and again == first and "finished earlier" in capsys.readouterr().out
+    (tmp_path / "seed1" / "demo.json").write_text("{")  # half-written: run again
+    assert demo.finished(tmp_path / "seed1", ["optim.steps=4"], chars=500, seed=1) is None
+    assert demo.finished(tmp_path / "seed0", ["optim.steps=8"], chars=500, seed=0) is None
+    assert demo.finished(tmp_path / "seed0", ["optim.steps=4"], chars=500, seed=0) == first[0]

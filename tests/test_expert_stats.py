@@ -205,3 +205,26 @@ def test_view_page_renders_in_headless_chromium(model, tmp_path):
         pos += 12 + n
     pixels = np.frombuffer(zlib.decompress(idat), np.uint8)
     assert np.mean(pixels < 200) > 0.002  # text and shading were drawn, not a blank page
+
+
+def test_frequency_table_and_pair_list_agree_with_brute_force():
+    """Both ways of counting active tokens (per-token pair lists, per-token tables in chunks that do not
+    divide the token count) equal ``sum_t 1[s_tij > 0]`` with padding tokens excluded."""
+    import jax.numpy as jnp
+
+    from monet_jax.experts.stats import _frequency_pairs, _frequency_table
+
+    rng = np.random.default_rng(3)
+    b, t, h, e = 3, 37, 4, 24
+    g1 = rng.random((b, t, h, e)) * (rng.random((b, t, h, e)) < 0.2)
+    g2 = rng.random((b, t, h, e)) * (rng.random((b, t, h, e)) < 0.3)
+    g1[0, 0] = 0.0  # a token with no active expert
+    valid = rng.random((b, t)) < 0.8
+    s = np.einsum("bthi,bthj->btij", g1, g2).reshape(b * t, e * e)
+    want = ((s > 0) & valid.reshape(-1, 1)).sum(0)
+    k = int(max((g1 > 0).sum(-1).max(), (g2 > 0).sum(-1).max()))
+    args = (jnp.asarray(g1, jnp.float32), jnp.asarray(g2, jnp.float32), jnp.asarray(valid))
+    np.testing.assert_array_equal(np.asarray(_frequency_pairs(*args, k)), want)
+    np.testing.assert_array_equal(np.asarray(_frequency_table(*args)), want)
+    np.testing.assert_array_equal(np.asarray(_frequency_table(*args, chunk=10)), want)  # 111 = 11 x 10 + 1
+    assert 0 < want.sum() < valid.sum() * e * e

@@ -48,9 +48,37 @@ def _square_mass(g1_bthi, g2_bthj, w_bt):
     return p1.T @ (g2_bthj[..., :, None, :] * g2_bthj[..., None, :, :]).reshape(-1, e)
 
 
-@partial(jax.jit, static_argnames="k")
 def _frequency(g1_bthi, g2_bthj, valid_bt, k: int):
-    """Tokens on which each ``(i, j)`` is active (``k`` >= the most experts active in any head)."""
+    """Tokens on which each ``(i, j)`` is active (``k`` >= the most experts active in any head): from each
+    token's ``H * k * k`` active pairs, or, when that list would be longer than the ``E * E`` table (a
+    well-trained router with many experts passing its threshold), from each token's table."""
+    h, e = g1_bthi.shape[-2:]
+    if h * k * k * max(1, (h * k * k).bit_length()) > 4 * e * e:
+        return _frequency_table(g1_bthi, g2_bthj, valid_bt)
+    return _frequency_pairs(g1_bthi, g2_bthj, valid_bt, k)
+
+
+@partial(jax.jit, static_argnames="chunk")
+def _frequency_table(g1_bthi, g2_bthj, valid_bt, chunk: int | None = None):
+    """Sum over tokens of ``1[s_ij > 0]``, where ``s_tij > 0`` iff some head has both ``i`` and ``j`` active:
+    a ``[H, E]^T [H, E]`` product of indicators per token, in chunks of tokens that bound the ``[n, E, E]``."""
+    h, e = g1_bthi.shape[-2:]
+    a = (g1_bthi > 0).reshape(-1, h, e).astype(jnp.float32)
+    b = (g2_bthj > 0).reshape(-1, h, e).astype(jnp.float32) * valid_bt.reshape(-1, 1, 1)
+    n = max(1, min(a.shape[0], chunk or (1 << 22) // (e * e)))
+    pad = -a.shape[0] % n
+    a, b = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))).reshape(-1, n, h, e) for x in (a, b))
+
+    def chunk(total, ab):
+        hits = jnp.einsum("nhi,nhj->nij", *ab) > 0
+        return total + jnp.sum(hits, axis=0, dtype=jnp.int32), None
+
+    total, _ = jax.lax.scan(chunk, jnp.zeros((e, e), jnp.int32), (a, b))
+    return total.reshape(-1)
+
+
+@partial(jax.jit, static_argnames="k")
+def _frequency_pairs(g1_bthi, g2_bthj, valid_bt, k: int):
     e = g1_bthi.shape[-1]
     v1, i1 = jax.lax.top_k(g1_bthi, k)
     v2, i2 = jax.lax.top_k(g2_bthj, k)
