@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 import time
@@ -65,15 +66,24 @@ def best_of(fns: dict, reps: int) -> dict:
     return best
 
 
-def jax_work(model, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: int) -> tuple[dict, dict]:
-    """(functions to time, their outputs): decoding per batch size and the forward pass."""
+def jax_work(model, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: int,
+             cpu_dot: str = "onednn") -> tuple[dict, dict]:
+    """(functions to time, their outputs): decoding per batch size and the forward pass, with the CPU matrix
+    products of ``cpu_dot`` (``MONET_JAX_CPU_DOT``: ``onednn``, the default, or ``xla``)."""
     pure = PureModel(model)
     fns, outs = {}, {}
+
+    def with_dot(fn):
+        def call():
+            os.environ["MONET_JAX_CPU_DOT"] = cpu_dot
+            return fn()
+        return call
+
     for b, ids in prompts.items():
         def run(ids=ids, b=b):
             outs[f"decode_b{b}"] = generate(model, ids.tolist(), max_new_tokens=new, eos_id=None, pure=pure)["tokens"]
-        fns[f"decode_b{b}"] = run
-    fwd = pure.jit(_logits)
+        fns[f"decode_b{b}"] = with_dot(run)
+    fwd = with_dot(lambda: pure.jit(_logits))()
     fns["forward"] = lambda: jax.block_until_ready(fwd(fwd_ids))
     return fns, outs
 
@@ -126,7 +136,10 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--forward", default="2x256", help="BATCHxTOKENS of the forward pass")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cpu-dot", default="onednn,xla",
+                   help="monet-jax CPU matrix products to time, comma-separated: onednn (the default) and xla")
     args = p.parse_args(argv)
+    dots = args.cpu_dot.split(",")
     rng = np.random.default_rng(0)
     prompts = {int(b): rng.integers(3, SHAPE["vocab_size"], (int(b), args.prompt)) for b in args.batches.split(",")}
     fb, ft = map(int, args.forward.split("x"))
@@ -135,8 +148,11 @@ def main(argv=None) -> int:
           f"best of {args.reps}, interleaved | {jax.devices()[0].device_kind}")
     for dec in args.decompose.split(","):
         model = build(dec, args.moe_impl)
-        fns, outs = jax_work(model, prompts, fwd_ids, args.new_tokens)
-        fns = {("jax", k): f for k, f in fns.items()}
+        fns, outs = {}, {}
+        for dot in dots:
+            f, o = jax_work(model, prompts, fwd_ids, args.new_tokens, dot)
+            fns.update({(dot, k): fn for k, fn in f.items()})
+            outs[dot] = o  # filled in when the functions run
         with tempfile.TemporaryDirectory() as d:
             if args.reference_code:
                 ref_fns, ref_outs = torch_work(load_reference(args.reference_code, model, d), prompts, fwd_ids,
@@ -144,20 +160,21 @@ def main(argv=None) -> int:
                 fns.update({("torch", k): f for k, f in ref_fns.items()})
             best = best_of(fns, args.reps)
         name = f"{dec[0].upper()}D"
-        for b in prompts:
-            k = f"decode_b{b}"
-            rate = b * args.new_tokens / best["jax", k]
-            line = f"{name} decode batch {b}: monet-jax {rate:7.1f} tok/s"
+        for dot in dots:
+            for b in prompts:
+                k = f"decode_b{b}"
+                rate = b * args.new_tokens / best[dot, k]
+                line = f"{name} decode batch {b}: monet-jax ({dot} dots) {rate:7.1f} tok/s"
+                if args.reference_code:
+                    ref_rate = b * args.new_tokens / best["torch", k]
+                    line += (f" | PyTorch {ref_rate:7.1f} tok/s | {rate / ref_rate:.2f}x | greedy tokens "
+                             f"{agreement(outs[dot][k], ref_outs[k])}")
+                print(line, flush=True)
+            line = f"{name} forward {fb}x{ft}: monet-jax ({dot} dots) {1e3 * best[dot, 'forward']:7.1f} ms"
             if args.reference_code:
-                ref_rate = b * args.new_tokens / best["torch", k]
-                line += (f" | PyTorch {ref_rate:7.1f} tok/s | {rate / ref_rate:.2f}x | greedy tokens "
-                         f"{agreement(outs[k], ref_outs[k])}")
+                line += (f" | PyTorch {1e3 * best['torch', 'forward']:7.1f} ms | "
+                         f"{best['torch', 'forward'] / best[dot, 'forward']:.2f}x")
             print(line, flush=True)
-        line = f"{name} forward {fb}x{ft}: monet-jax {1e3 * best['jax', 'forward']:7.1f} ms"
-        if args.reference_code:
-            line += (f" | PyTorch {1e3 * best['torch', 'forward']:7.1f} ms | "
-                     f"{best['torch', 'forward'] / best['jax', 'forward']:.2f}x")
-        print(line, flush=True)
     return 0
 
 

@@ -34,12 +34,12 @@ def test_cached_generation_equals_full_recomputation(over):
     res = generate(model, prompts, max_new_tokens=8, eos_id=None, return_logits=True)
     for row, (prompt, new) in enumerate(zip(prompts, res["tokens"], strict=True)):
         assert len(new) == 8
+        # Recompute from scratch on the unpadded sequence (causal: position len(prompt) + n - 1 sees exactly
+        # the sequence before new token n); the cached logits must agree.
+        full = np.asarray(model(np.array([prompt + new], np.int32)).logits)[0, len(prompt) - 1:-1]
         for n in range(8):
-            # Recompute from scratch on the unpadded sequence so far; the cached logits must agree.
-            seq = np.array([prompt + new[:n]], np.int32)
-            full = np.asarray(model(seq).logits)[0, -1]
-            np.testing.assert_allclose(res["logits"][row, n], full, atol=2e-5, rtol=1e-5)
-            assert new[n] == int(np.argmax(full))
+            np.testing.assert_allclose(res["logits"][row, n], full[n], atol=2e-5, rtol=1e-5)
+            assert new[n] == int(np.argmax(full[n]))
 
 
 def full_logits(model, ids: list[int]) -> np.ndarray:

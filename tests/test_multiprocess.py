@@ -96,7 +96,9 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
 
 
-def test_two_processes_stop_together_and_resume_on_one_two_or_four(tmp_path):
+def _stopped_run(tmp_path: Path) -> tuple[Path, int, dict]:
+    """A 2-process run stopped by SIGTERM to one process: (its out_dir, the step all stopped at, the weights
+    of the uninterrupted reference)."""
     # The uninterrupted reference: one process of 8 devices, same mesh shape and config.
     ref_dir = tmp_path / "ref"
     summary = run(TrainConfig.load(None, [*TINY, f"optim.steps={STEPS}", f"out_dir={ref_dir}"]))
@@ -120,16 +122,10 @@ def test_two_processes_stop_together_and_resume_on_one_two_or_four(tmp_path):
     assert not (out / "checkpoint").exists()
     for i in range(2):  # the sharded step compiled without resharding by replication
         assert "Involuntary full rematerialization" not in two.text(i)
+    return out, k, reference
 
-    # The same out_dir resumed by: the same command (2 x 4), one process of 8 devices, 4 processes x 2 devices.
-    copies = {name: tmp_path / name for name in ("again", "one", "four")}
-    for path in copies.values():
-        shutil.copytree(out, path)
-    again = Launch(2, 4, copies["again"], f"optim.steps={STEPS}")
-    assert again.wait() == [0, 0], again.text(0)[-3000:]
-    run(TrainConfig.load(None, [*TINY, f"optim.steps={STEPS}", f"out_dir={copies['one']}"]))
-    four = Launch(4, 2, copies["four"], f"optim.steps={STEPS}")
-    assert four.wait() == [0, 0, 0, 0], four.text(0)[-3000:]
+
+def _check_resumed(tmp_path: Path, copies: dict[str, Path], k: int, reference: dict) -> None:
     for name, path in copies.items():
         assert not list((path / "checkpoints").glob("*.corrupt")), name
         assert f'"resumed_from": {k}' in (path / "summary.json").read_text(), name
@@ -137,6 +133,28 @@ def test_two_processes_stop_together_and_resume_on_one_two_or_four(tmp_path):
         # lr 1e-2 amplify those last-bit differences through the routing thresholds: equal to about 1e-3.
         assert _max_diff(_weights(path), reference) < 5e-3, name
     assert not list(tmp_path.glob("*/.checkpoint.tmp*"))  # the final export renamed its directory into place
+
+
+def test_two_processes_stop_together_and_resume_on_one_or_two(tmp_path):
+    out, k, reference = _stopped_run(tmp_path)
+    # The same out_dir resumed by: the same command (2 x 4) and one process of 8 devices.
+    copies = {name: tmp_path / name for name in ("again", "one")}
+    for path in copies.values():
+        shutil.copytree(out, path)
+    again = Launch(2, 4, copies["again"], f"optim.steps={STEPS}")
+    assert again.wait() == [0, 0], again.text(0)[-3000:]
+    run(TrainConfig.load(None, [*TINY, f"optim.steps={STEPS}", f"out_dir={copies['one']}"]))
+    _check_resumed(tmp_path, copies, k, reference)
+
+
+@pytest.mark.slow
+def test_two_processes_stopped_resume_on_four(tmp_path):
+    out, k, reference = _stopped_run(tmp_path)
+    four = tmp_path / "four"
+    shutil.copytree(out, four)
+    launch = Launch(4, 2, four, f"optim.steps={STEPS}")
+    assert launch.wait() == [0, 0, 0, 0], launch.text(0)[-3000:]
+    _check_resumed(tmp_path, {"four": four}, k, reference)
 
 
 def test_a_killed_process_ends_the_others_with_a_clear_error(tmp_path):

@@ -55,3 +55,30 @@ def test_perplexity_without_data_scores_the_held_out_documents(tmp_path, capsys)
     r = perplexity(model, load_tokenizer("byte"), [docs[int(i)] for i in held], seq_len=32, max_batches=2,
                    progress=False)
     assert f"loss {r['loss']:.4f}" in printed and f"tokens {r['tokens']:,}" in printed
+
+
+def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
+    """On an x86 CPU the entry points compile each matrix product as a oneDNN call (``ONEDNN_DOTS``);
+    ``MONET_JAX_CPU_DOT=xla`` restores XLA's own. Both give the same logits."""
+    import platform
+
+    import jax
+    import pytest
+
+    from monet_jax.model.pure import ONEDNN_DOTS, cpu_compiler_options
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("oneDNN products are used on x86 CPUs only")
+    model = MonetForCausalLM(CFG, rngs=nnx.Rngs(1))
+    ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int32)
+    assert cpu_compiler_options() == ONEDNN_DOTS
+    pure = PureModel(model)
+    with_dnn = np.asarray(pure.jit(_last_logits)(ids))
+    compiled = jax.jit(lambda leaves, x: _last_logits(nnx.merge(pure.graphdef, jax.tree.unflatten(pure.treedef,
+                                                                                                    leaves)), x))
+    assert "onednn" in compiled.lower(pure.leaves, ids).compile(compiler_options=ONEDNN_DOTS).as_text()
+    monkeypatch.setenv("MONET_JAX_CPU_DOT", "xla")
+    assert cpu_compiler_options() is None
+    with_xla = np.asarray(pure.jit(_last_logits)(ids))
+    np.testing.assert_allclose(with_dnn, with_xla, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(with_dnn, np.asarray(model(ids).logits)[:, -1], atol=2e-5, rtol=2e-5)

@@ -130,8 +130,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
     positions = np.maximum(np.cumsum(key_mask[:, :p], axis=1) - 1, 0).astype(np.int32)
     fixed = _Fixed(jnp.asarray(key_mask), jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
                    jnp.int32(pad_id), jnp.arange(b) >= rows)
-    prefill = pure.jit(_prefill, static_argnums=(3, 4, 5))
-    decode = pure.jit(_decode, static_argnums=(3, 4), donate_argnums=(0,))
+    prefill = pure.jit(_prefill, static_argnums=(3, 4, 5), rows=b * p)
+    decode = pure.jit(_decode, static_argnums=(3, 4), donate_argnums=(0,), rows=b)
 
     t0 = time.perf_counter()
     state = prefill(jnp.asarray(ids), jnp.asarray(positions), fixed, total - p, sampling, return_logits)
