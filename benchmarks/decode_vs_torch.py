@@ -69,7 +69,7 @@ def best_of(fns: dict, reps: int) -> dict:
 def jax_work(model, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: int,
              cpu_dot: str = "onednn") -> tuple[dict, dict]:
     """(functions to time, their outputs): decoding per batch size and the forward pass, with the CPU matrix
-    products of ``cpu_dot`` (``MONET_JAX_CPU_DOT``: ``onednn``, the default, or ``xla``)."""
+    products of ``cpu_dot`` (``MONET_JAX_CPU_DOT``: ``auto``, the default, ``onednn`` or ``xla``)."""
     pure = PureModel(model)
     fns, outs = {}, {}
 
@@ -136,8 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--forward", default="2x256", help="BATCHxTOKENS of the forward pass")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--cpu-dot", default="onednn,xla",
-                   help="monet-jax CPU matrix products to time, comma-separated: onednn (the default) and xla")
+    p.add_argument("--cpu-dot", default="auto,onednn,xla",
+                   help="monet-jax CPU matrix products to time, comma-separated: auto (the default), onednn "
+                        "(every forward over many tokens) and xla")
     args = p.parse_args(argv)
     dots = args.cpu_dot.split(",")
     rng = np.random.default_rng(0)

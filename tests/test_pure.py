@@ -58,27 +58,35 @@ def test_perplexity_without_data_scores_the_held_out_documents(tmp_path, capsys)
 
 
 def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
-    """On an x86 CPU the entry points compile each matrix product as a oneDNN call (``ONEDNN_DOTS``);
-    ``MONET_JAX_CPU_DOT=xla`` restores XLA's own. Both give the same logits."""
+    """On an x86 CPU, forward passes over many tokens of a vertical model compile each matrix product as a
+    oneDNN call (``ONEDNN_DOTS``); decoding steps, horizontal models and ``MONET_JAX_CPU_DOT=xla`` keep XLA's
+    own. Both give the same logits."""
     import platform
 
     import jax
     import pytest
 
-    from monet_jax.model.pure import ONEDNN_DOTS, cpu_compiler_options
+    from monet_jax.model.pure import ONEDNN_DOTS, ONEDNN_MIN_ROWS, cpu_compiler_options
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("oneDNN products are used on x86 CPUs only")
+    assert cpu_compiler_options(None, "vertical") == ONEDNN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS, "none")
+    assert cpu_compiler_options(8, "vertical") is None and cpu_compiler_options(None, "horizontal") is None
+    monkeypatch.setenv("MONET_JAX_CPU_DOT", "onednn")
+    assert cpu_compiler_options(1, "horizontal") == ONEDNN_DOTS
+    monkeypatch.setenv("MONET_JAX_CPU_DOT", "fast")
+    with pytest.raises(ValueError, match="MONET_JAX_CPU_DOT must be auto, onednn or xla, got 'fast'"):
+        cpu_compiler_options()
+    monkeypatch.delenv("MONET_JAX_CPU_DOT")
+
     model = MonetForCausalLM(CFG, rngs=nnx.Rngs(1))
     ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int32)
-    assert cpu_compiler_options() == ONEDNN_DOTS
     pure = PureModel(model)
     with_dnn = np.asarray(pure.jit(_last_logits)(ids))
     compiled = jax.jit(lambda leaves, x: _last_logits(nnx.merge(pure.graphdef, jax.tree.unflatten(pure.treedef,
                                                                                                     leaves)), x))
     assert "onednn" in compiled.lower(pure.leaves, ids).compile(compiler_options=ONEDNN_DOTS).as_text()
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "xla")
-    assert cpu_compiler_options() is None
     with_xla = np.asarray(pure.jit(_last_logits)(ids))
     np.testing.assert_allclose(with_dnn, with_xla, atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(with_dnn, np.asarray(model(ids).logits)[:, -1], atol=2e-5, rtol=2e-5)

@@ -24,16 +24,22 @@ ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
 ONEDNN_MIN_ROWS = 128
 
 
-def cpu_compiler_options(rows: int | None = None) -> dict | None:
-    """XLA options for inference on an x86 CPU. When the matrix products have many rows (``rows``: tokens
-    per call, None for a forward pass over a corpus), each goes through oneDNN, up to 1.3x faster than XLA's
-    own CPU matmul on this model's shapes; for decoding steps of a few tokens oneDNN is several times slower
-    (``[1, 1024] x [1024, 4096]``: 3.9 ms against 1.1 ms), so those keep XLA's (``benchmarks/cpu_gemm.py``).
-    Individual products only: oneDNN's fused-graph mode aborts compiling this model.
-    ``MONET_JAX_CPU_DOT=xla`` turns oneDNN off."""
-    if ((rows is not None and rows < ONEDNN_MIN_ROWS) or jax.default_backend() != "cpu"
-            or platform.machine().lower() not in ("x86_64", "amd64")
-            or os.environ.get("MONET_JAX_CPU_DOT", "onednn") != "onednn"):
+def cpu_compiler_options(rows: int | None = None, decompose: str | None = None) -> dict | None:
+    """XLA options for inference on an x86 CPU: each matrix product through oneDNN, or None for XLA's own.
+
+    ``MONET_JAX_CPU_DOT``: ``auto`` (default), ``onednn`` or ``xla``. ``auto`` picks oneDNN for forward
+    passes over many tokens (``rows``: tokens per call, None for a corpus) of dense and vertical models,
+    where it measured 1.15x faster (``benchmarks/decode_vs_torch.py``: VD forward of 2 x 256 tokens 399 ms
+    against 457 ms); XLA for decoding steps, where oneDNN is several times slower (``[1, 1024] x [1024,
+    4096]``: 3.9 ms against 1.1 ms, ``benchmarks/cpu_gemm.py``), and for horizontal models, whose forward it
+    slowed down (724 ms against 487 ms). Individual products only: oneDNN's fused-graph mode aborts
+    compiling this model."""
+    mode = os.environ.get("MONET_JAX_CPU_DOT", "auto")
+    if mode not in ("auto", "onednn", "xla"):
+        raise ValueError(f"MONET_JAX_CPU_DOT must be auto, onednn or xla, got {mode!r}")
+    if mode == "xla" or jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if mode == "auto" and ((rows is not None and rows < ONEDNN_MIN_ROWS) or decompose == "horizontal"):
         return None
     return ONEDNN_DOTS
 
@@ -55,7 +61,7 @@ class PureModel:
         """``fn(model, *args)`` compiled as a function of the state: returns ``call(*args)``. Argument
         numbers count ``args`` (the model excluded); ``rows``: tokens per call where it is small (decoding;
         it picks the CPU's matmul, :func:`cpu_compiler_options`)."""
-        options = cpu_compiler_options(rows)
+        options = cpu_compiler_options(rows, getattr(self.config, "moe_decompose", None))
         key = (fn, self.graphdef, self.treedef, static_argnums, donate_argnums, str(options))
         compiled = _COMPILED.get(key)
         if compiled is None:
