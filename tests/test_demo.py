@@ -47,10 +47,10 @@ def test_spread_over_seeds_and_robustness_bar():
     assert robust(0.06, 0.02) and not robust(0.06, 0.021) and not robust(0.049, -1.0)
 
 
-def test_demo_runs_end_to_end_on_a_short_training(tmp_path, capsys):
-    results = run_seeds(tmp_path, ["optim.steps=4", "optim.warmup_steps=1", "data.batch_size=8",
-                                   "data.seq_len=64", "eval_every=1000"], (3, 4), chars=4000, eval_tokens=600,
-                        seq_len=64)
+def test_demo_runs_end_to_end_on_a_short_training(tmp_path, capsys, monkeypatch):
+    steps = ["optim.steps=4", "optim.warmup_steps=1", "data.batch_size=8", "data.seq_len=64", "eval_every=1000"]
+    kw = dict(chars=4000, eval_tokens=600, seq_len=64)
+    results = run_seeds(tmp_path, steps, (3, 4), **kw)
     assert [r["seed"] for r in results] == [3, 4]
     assert results[0]["losses"] != results[1]["losses"]  # another corpus sample and initialization
     assert (tmp_path / "seed4" / "demo.json").exists()
@@ -69,27 +69,32 @@ def test_demo_runs_end_to_end_on_a_short_training(tmp_path, capsys):
     assert np.isfinite([v for row in r["losses"].values() for v in row.values()]).all()
     assert "| experts deleted |" in capsys.readouterr().out
 
+    # --resume: the same settings read every seed back; another ratio reselects without training again.
+    import monet_jax.train.main
 
-def test_resume_reads_back_only_seeds_made_with_the_same_settings(tmp_path, monkeypatch, capsys):
-    import monet_jax.eval.deletion_demo as demo
+    def no_training(cfg):
+        raise AssertionError("trained again")
 
-    ran = []
+    monkeypatch.setattr(monet_jax.train.main, "run", no_training)
+    root = tmp_path.parent
+    assert run_seeds(root, steps, (3, 4), resume=True, **kw) == results
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    other = run_seeds(root, steps, (3, 4), resume=True, ratio=1.2, **kw)
+    assert capsys.readouterr().out.count("trained earlier") == 2
+    assert [o["losses"]["None"] for o in other] == [r["losses"]["None"] for r in results]
+    assert all(sum(o["deleted"][d]) >= sum(r["deleted"][d]) for o, r in zip(other, results, strict=True)
+               for d in r["deleted"])
 
-    def fake_run_demo(out, overrides, *, seed, **kw):
-        ran.append(seed)
-        result = _result(seed, {"a": {"a": 0.3, "b": 0.0, "c": 0.0}})
-        result["settings"] = demo._settings(overrides, kw.get("chars", 100_000), 0.15, kw.get("ratio", demo.RATIO), 128,
-                                            None, seed)
-        out.mkdir(parents=True)
-        (out / "demo.json").write_text(json.dumps(result))
-        return result
 
-    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
-    first = run_seeds(tmp_path, ["optim.steps=4"], (0, 1), chars=500)
-    assert ran == [0, 1]
-    again = run_seeds(tmp_path, ["optim.steps=4"], (0, 1), resume=True, chars=500)
-    assert ran == [0, 1] and again == first and "finished earlier" in capsys.readouterr().out
-    (tmp_path / "seed1" / "demo.json").write_text("{")  # half-written: run again
-    assert demo.finished(tmp_path / "seed1", ["optim.steps=4"], chars=500, seed=1) is None
-    assert demo.finished(tmp_path / "seed0", ["optim.steps=8"], chars=500, seed=0) is None
-    assert demo.finished(tmp_path / "seed0", ["optim.steps=4"], chars=500, seed=0) == first[0]
+def test_finished_reads_back_only_results_made_with_the_same_settings(tmp_path):
+    from monet_jax.eval.deletion_demo import _settings, finished
+
+    settings = _settings(["optim.steps=4"], 500, 0.15, 1.75, 128, None, 0)
+    result = {**_result(0, {"a": {"a": 0.3, "b": 0.0, "c": 0.0}}), "settings": settings}
+    (tmp_path / "demo.json").write_text(json.dumps(result))
+    assert finished(tmp_path, json.loads(json.dumps(settings))) == result
+    assert finished(tmp_path, {**settings, "overrides": ["optim.steps=8"]}) is None
+    assert finished(tmp_path, {**settings, "ratio": 2.0}) is None
+    (tmp_path / "demo.json").write_text("{")  # half-written: run again
+    assert finished(tmp_path, settings) is None
+    assert finished(tmp_path / "missing", settings) is None

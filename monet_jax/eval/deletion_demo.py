@@ -46,8 +46,9 @@ RATIO = 1.75
 def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = (), *, chars: int = 100_000,
              held_out: float = 0.15, ratio: float = RATIO, seq_len: int = 128, eval_tokens: int | None = None,
              seed: int = 0, resume: bool = False) -> dict:
-    """Train (or, with ``resume``, reuse the checkpoint trained earlier with the same corpus and training
-    settings), select each domain's experts, delete them in turn and evaluate every domain."""
+    """Train, select each domain's experts, delete them in turn and evaluate every domain. With ``resume``,
+    a result (``demo.json``) made with the same settings is read back, and a checkpoint trained with the
+    same corpus and training settings is not trained again."""
     from monet_jax import MonetForCausalLM
     from monet_jax.data.tokenizer import load_tokenizer
     from monet_jax.eval.corpus import perplexity
@@ -60,6 +61,10 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | tuple = (), *
 
     out = Path(out)
     settings = _settings(overrides, chars, held_out, ratio, seq_len, eval_tokens, seed)
+    done = finished(out, settings) if resume else None
+    if done is not None:
+        print(f"(finished earlier, read from {out / 'demo.json'})\n{table(done)}")
+        return done
     paths = write_corpora(out / "data", chars, held_out, seed)
     cfg = TrainConfig.load(None, [f"data.path={out / 'data' / 'train.jsonl'}", f"out_dir={out / 'run'}",
                                   f"seed={seed}", *overrides])
@@ -99,12 +104,10 @@ def _settings(overrides, chars, held_out, ratio, seq_len, eval_tokens, seed) -> 
             "seq_len": seq_len, "eval_tokens": eval_tokens, "seed": seed}
 
 
-def finished(out: str | Path, overrides=(), *, chars: int = 100_000, held_out: float = 0.15, ratio: float = RATIO,
-             seq_len: int = 128, eval_tokens: int | None = None, seed: int = 0) -> dict | None:
+def finished(out: str | Path, settings: dict) -> dict | None:
     """The result in ``out/demo.json`` if it was made with these settings, else None."""
     result = _read_json(Path(out) / "demo.json")
-    want = _settings(overrides, chars, held_out, ratio, seq_len, eval_tokens, seed)
-    return result if result is not None and result.get("settings") == want else None
+    return result if result is not None and result.get("settings") == settings else None
 
 
 def _read_json(path: Path):
@@ -172,17 +175,11 @@ def spread(results: list[dict]) -> str:
 
 def run_seeds(out: str | Path, overrides: list[str] | tuple = (), seeds: tuple[int, ...] = (0, 1, 2),
               resume: bool = False, **kw) -> list[dict]:
-    """:func:`run_demo` once per seed (under ``out/seed<N>``), then the spread over seeds. With ``resume``,
-    a seed whose ``demo.json`` was made with the same settings is read back instead of run again, and one
-    trained with the same corpus and training settings is not trained again."""
+    """:func:`run_demo` once per seed (under ``out/seed<N>``), then the spread over seeds."""
     results = []
     for seed in seeds:
         print(f"seed {seed}:")
-        done = finished(Path(out) / f"seed{seed}", overrides, seed=seed, **kw) if resume else None
-        if done is not None:
-            print(f"(finished earlier, read from {Path(out) / f'seed{seed}' / 'demo.json'})\n{table(done)}")
-        results.append(done if done is not None else run_demo(Path(out) / f"seed{seed}", overrides, seed=seed,
-                                                                 resume=resume, **kw))
+        results.append(run_demo(Path(out) / f"seed{seed}", overrides, seed=seed, resume=resume, **kw))
     summary = spread(results)
     (Path(out) / "spread.md").write_text(summary + "\n")
     print(f"\nover seeds {', '.join(map(str, seeds))}:\n{summary}")

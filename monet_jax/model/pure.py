@@ -18,8 +18,6 @@ from flax import nnx
 _COMPILED: dict = {}
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-
-
 # Fewest rows (tokens per call) for which oneDNN's products beat XLA's on this model's shapes.
 ONEDNN_MIN_ROWS = 128
 
