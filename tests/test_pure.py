@@ -59,23 +59,29 @@ def test_perplexity_without_data_scores_the_held_out_documents(tmp_path, capsys)
 
 def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
     """On an x86 CPU, forward passes over many tokens of a vertical model compile each matrix product as a
-    oneDNN call (``ONEDNN_DOTS``); decoding steps, horizontal models and ``MONET_JAX_CPU_DOT=xla`` keep XLA's
-    own. Both give the same logits."""
+    oneDNN call (``ONEDNN_DOTS``), calls of few tokens (decoding steps) as Eigen's (``EIGEN_DOTS``: no YNNPACK
+    fusion), horizontal models' long forwards as XLA's default; ``MONET_JAX_CPU_DOT`` forces one. All give
+    the same logits."""
     import platform
 
     import jax
     import pytest
 
-    from monet_jax.model.pure import ONEDNN_DOTS, ONEDNN_MIN_ROWS, cpu_compiler_options
+    from monet_jax.model.pure import EIGEN_DOTS, ONEDNN_DOTS, ONEDNN_MIN_ROWS, cpu_compiler_options
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("oneDNN products are used on x86 CPUs only")
     assert cpu_compiler_options(None, "vertical") == ONEDNN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS, "none")
-    assert cpu_compiler_options(8, "vertical") is None and cpu_compiler_options(None, "horizontal") is None
+    assert cpu_compiler_options(8, "vertical") == EIGEN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS - 1, "horizontal")
+    assert cpu_compiler_options(None, "horizontal") is None
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "onednn")
     assert cpu_compiler_options(1, "horizontal") == ONEDNN_DOTS
+    monkeypatch.setenv("MONET_JAX_CPU_DOT", "eigen")
+    assert cpu_compiler_options(None, "vertical") == EIGEN_DOTS
+    monkeypatch.setenv("MONET_JAX_CPU_DOT", "xla")
+    assert cpu_compiler_options(1, "vertical") is None
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "fast")
-    with pytest.raises(ValueError, match="MONET_JAX_CPU_DOT must be auto, onednn or xla, got 'fast'"):
+    with pytest.raises(ValueError, match="MONET_JAX_CPU_DOT must be one of auto, onednn, eigen, xla, got 'fast'"):
         cpu_compiler_options()
     monkeypatch.delenv("MONET_JAX_CPU_DOT")
 
@@ -85,8 +91,11 @@ def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
     with_dnn = np.asarray(pure.jit(_last_logits)(ids))
     compiled = jax.jit(lambda leaves, x: _last_logits(nnx.merge(pure.graphdef, jax.tree.unflatten(pure.treedef,
                                                                                                     leaves)), x))
-    assert "onednn" in compiled.lower(pure.leaves, ids).compile(compiler_options=ONEDNN_DOTS).as_text()
-    monkeypatch.setenv("MONET_JAX_CPU_DOT", "xla")
-    with_xla = np.asarray(pure.jit(_last_logits)(ids))
-    np.testing.assert_allclose(with_dnn, with_xla, atol=2e-5, rtol=2e-5)
+    lowered = compiled.lower(pure.leaves, ids)
+    assert "onednn" in lowered.compile(compiler_options=ONEDNN_DOTS).as_text()
+    assert "ynn_fusion" in lowered.compile().as_text()
+    assert "ynn_fusion" not in lowered.compile(compiler_options=EIGEN_DOTS).as_text()
+    for dots in ("xla", "eigen"):
+        monkeypatch.setenv("MONET_JAX_CPU_DOT", dots)
+        np.testing.assert_allclose(with_dnn, np.asarray(pure.jit(_last_logits)(ids)), atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(with_dnn, np.asarray(model(ids).logits)[:, -1], atol=2e-5, rtol=2e-5)

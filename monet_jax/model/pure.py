@@ -18,28 +18,34 @@ from flax import nnx
 _COMPILED: dict = {}
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-# Fewest rows (tokens per call) for which oneDNN's products beat XLA's on this model's shapes.
+# XLA's classic (Eigen) products: XLA's CPU backend otherwise hands each product to YNNPACK.
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Fewest rows (tokens per call) for which oneDNN's and YNNPACK's products beat Eigen's on this model's shapes.
 ONEDNN_MIN_ROWS = 128
+CPU_DOTS = ("auto", "onednn", "eigen", "xla")
 
 
 def cpu_compiler_options(rows: int | None = None, decompose: str | None = None) -> dict | None:
-    """XLA options for inference on an x86 CPU: each matrix product through oneDNN, or None for XLA's own.
+    """XLA options for inference on an x86 CPU: which library runs the matrix products.
 
-    ``MONET_JAX_CPU_DOT``: ``auto`` (default), ``onednn`` or ``xla``. ``auto`` picks oneDNN for forward
-    passes over many tokens (``rows``: tokens per call, None for a corpus) of dense and vertical models,
-    where it measured 1.15x faster (``benchmarks/decode_vs_torch.py``: VD forward of 2 x 256 tokens 399 ms
-    against 457 ms); XLA for decoding steps, where oneDNN is several times slower (``[1, 1024] x [1024,
-    4096]``: 3.9 ms against 1.1 ms, ``benchmarks/cpu_gemm.py``), and for horizontal models, whose forward it
-    slowed down (724 ms against 487 ms). Individual products only: oneDNN's fused-graph mode aborts
-    compiling this model."""
+    ``MONET_JAX_CPU_DOT``: ``auto`` (default), ``onednn``, ``eigen`` or ``xla`` (XLA's default, YNNPACK).
+    ``auto`` picks, from ``benchmarks/cpu_gemm.py`` on this model's shapes: Eigen for calls of fewer than
+    ``ONEDNN_MIN_ROWS`` tokens (``rows``; decoding steps and short prefills: ``[8, 1024] x [1024, 4096]``
+    1.7 ms against YNNPACK's 2.5 and oneDNN's 10, ``[32, 1024] x [1024, 4096]`` 3.0 against 5.5 and 5.0);
+    for forward passes over more tokens (``rows`` None: a corpus) oneDNN for dense and vertical models (VD
+    forward of 2 x 256 tokens 399 ms against 457 ms) and YNNPACK for horizontal ones, whose forward oneDNN
+    slowed (724 ms against 487 ms). Individual products only: oneDNN's fused-graph mode aborts compiling
+    this model."""
     mode = os.environ.get("MONET_JAX_CPU_DOT", "auto")
-    if mode not in ("auto", "onednn", "xla"):
-        raise ValueError(f"MONET_JAX_CPU_DOT must be auto, onednn or xla, got {mode!r}")
+    if mode not in CPU_DOTS:
+        raise ValueError(f"MONET_JAX_CPU_DOT must be one of {', '.join(CPU_DOTS)}, got {mode!r}")
     if mode == "xla" or jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    if mode == "auto" and ((rows is not None and rows < ONEDNN_MIN_ROWS) or decompose == "horizontal"):
-        return None
-    return ONEDNN_DOTS
+    if mode == "auto":
+        if rows is not None and rows < ONEDNN_MIN_ROWS:
+            return EIGEN_DOTS
+        return None if decompose == "horizontal" else ONEDNN_DOTS
+    return EIGEN_DOTS if mode == "eigen" else ONEDNN_DOTS
 
 
 class PureModel:
