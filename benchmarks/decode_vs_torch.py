@@ -70,7 +70,7 @@ def jax_work(model, prompts: dict[int, np.ndarray], fwd_ids: np.ndarray, new: in
              cpu_dot: str = "onednn") -> tuple[dict, dict]:
     """(functions to time, their outputs): decoding per batch size and the forward pass, with the CPU matrix
     products of ``cpu_dot`` (``MONET_JAX_CPU_DOT``: ``auto``, the default, ``onednn`` or ``xla``)."""
-    pure = PureModel(model)
+    pure = PureModel(model, expert_rows=True)  # what generate() splits for batch-1 decoding (sparse u rows)
     fns, outs = {}, {}
 
     def with_dot(fn):

@@ -313,6 +313,38 @@ def test_sparse_equals_dense_on_parity_checkpoints(reference_checkpoint, dec):
 
 
 @pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+def test_sparse_expert_rows_read_only_the_experts_in_use(reference_checkpoint, dec):
+    """``PureModel(expert_rows=True)`` adds ``u.T`` copies to the split state (the model is left as it was); the
+    sparse layer then gathers those rows at the smallest tier of its width that holds the union, or runs the
+    dense layer when the union is wider than the largest tier: the logits equal the dense path's either way."""
+    from monet_jax.kernels import sparse
+    from monet_jax.model.pure import ExpertRows, PureModel, decodes_sparse
+
+    directory, _ = reference_checkpoint(moe_decompose=dec)
+    dense = MonetForCausalLM.from_pretrained(directory, moe_impl="xla")
+    model = MonetForCausalLM.from_pretrained(directory, moe_impl="sparse")
+    cfg, names = model.config, ("u1", "u2") if dec == "vertical" else ("u",)
+    assert decodes_sparse(cfg, 1) and not decodes_sparse(dataclasses.replace(cfg, moe_impl="xla"), 1)
+    pure = PureModel(model, expert_rows=True)
+    moe = model.model.layers[0].moe
+    assert not any(hasattr(moe, f"{n}_rows") for n in names)  # the model itself is unchanged
+    rows = nnx.merge(pure.graphdef, jax.tree.unflatten(pure.treedef, pure.leaves)).model.layers[0].moe
+    for n in names:
+        assert isinstance(getattr(rows, f"{n}_rows"), ExpertRows)
+        want = np.asarray(getattr(moe, n).kernel[...]).T
+        np.testing.assert_array_equal(np.asarray(getattr(rows, f"{n}_rows")[...]), want)
+    seen = set()
+    for tokens in (1, 3):
+        ids = np.random.default_rng(0).integers(0, 96, (1, tokens)).astype(np.int32)
+        out = dense(ids, output_router_probs=True)
+        used = max(int(np.any(np.asarray(g) > 0, axis=(0, 1, 2)).sum()) for pair in out.router_probs for g in pair)
+        widths = sparse.tiers(tokens * cfg.moe_heads * moe.sparse_k, cfg.moe_experts)
+        seen.add("dense" if not widths or used > widths[-1] else "narrow")
+        close(pure.jit(lambda m, x: m(x).logits)(ids), out.logits)
+    assert seen == {"dense", "narrow"}
+
+
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
 def test_sparse_decoding_with_the_cache(reference_checkpoint, dec):
     """Greedy decoding with the key/value cache: same tokens and logits with moe_impl=sparse."""
     from monet_jax.eval.generate import generate

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monet_jax.model.pure import PureModel
+from monet_jax.model.pure import PureModel, decodes_sparse
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,16 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
     compilation; decoding after its first step) and optionally the logits each new token was drawn from.
 
     ``chunk``: return to the host every ``chunk`` tokens and call ``on_tokens`` with every row's tokens so
-    far (``[b, n]``, ``pad_id`` after eos) for streaming. ``pure``: the model already split (repeated calls)."""
+    far (``[b, n]``, ``pad_id`` after eos) for streaming. ``pure``: the model already split (repeated calls;
+    ``PureModel(model, expert_rows=True)`` lets the sparse path of small batches read only the ``u`` rows of the
+    experts in use, as a ``PureModel`` made here does when decoding takes that path)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    pure = pure if pure is not None else PureModel(model)
     rows, p_len = len(prompts), max(len(p) for p in prompts)
     b, p = bucket(rows), bucket(p_len, 8)
+    pure = pure if pure is not None else PureModel(model, expert_rows=decodes_sparse(model.config, b))
     total = bucket(p + max_new_tokens)
     ids = np.full((b, p), pad_id, np.int32)
     key_mask = np.zeros((b, total), bool)

@@ -6,6 +6,8 @@ they are a dense MLP of width ``E * m`` whose hidden units are reweighted by ``g
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -83,8 +85,11 @@ class VerticalExperts(nnx.Module):
 
 def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
     """The VD layer on the XLA path; ``w`` as ``kernels.ops.vertical``; ``width``: the sparse path's
-    number of experts gathered for the ``v`` projections. Expert ``(i, j)`` outputs
+    most experts gathered per side (:mod:`monet_jax.kernels.sparse`). Expert ``(i, j)`` outputs
     ``[V11_i x1_i + V12_i x2_j + b1_i, V21_j x1_i + V22_j x2_j + b2_j]``."""
+    if width is not None and deleted is None:
+        dense = partial(vd_layer, compute_dtype=compute_dtype)
+        return sparse.layer(sparse.vd_narrow, dense, x_btd, w, g1_bthi, g2_bthj, width, compute_dtype)
     b, t, _ = x_btd.shape
     cd, e = compute_dtype, w["b1"].shape[0]
     g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
@@ -102,11 +107,18 @@ def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, w
         s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
         cross12_btim = cross12_btim - deleted_units(x2_btjm, g2, g1, d_ij.T)
         cross21_btjm = cross21_btjm - deleted_units(x1_btim, g1, g2, d_ij)
-    top = sparse.project_experts([x1_btim * s1_bti[..., None], cross12_btim], [w["v11"], w["v12"]], s1_bti,
-                                 w["b1"], cd, width)
-    bottom = sparse.project_experts([cross21_btjm, x2_btjm * s2_btj[..., None]], [w["v21"], w["v22"]], s2_btj,
-                                    w["b2"], cd, width)
+    top = project_experts([x1_btim * s1_bti[..., None], cross12_btim], [w["v11"], w["v12"]], s1_bti, w["b1"], cd)
+    bottom = project_experts([cross21_btjm, x2_btjm * s2_btj[..., None]], [w["v21"], w["v22"]], s2_btj, w["b2"], cd)
     return jnp.concatenate([top, bottom], axis=-1)
+
+
+def project_experts(a_bte_m: list, kernels: list, s_bte, bias_ed, cd):
+    """``sum_k a_k @ kernel_k + s @ bias``: the ``v`` side of a layer, ``a_k`` ``[b, t, E, m]``, ``s`` ``[b, t, E]``,
+    ``kernel_k`` ``[E*m, d]``, ``bias`` ``[E, d]``."""
+    out = jnp.einsum("bte,ed->btd", s_bte, bias_ed.astype(cd))
+    for a, k in zip(a_bte_m, kernels, strict=True):
+        out = out + jnp.einsum("...i,io->...o", a.reshape(*a.shape[:2], -1), k.astype(cd))
+    return out
 
 
 class HorizontalExperts(nnx.Module):
@@ -138,6 +150,9 @@ class HorizontalExperts(nnx.Module):
 
 def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
     """The HD layer on the XLA path; ``w`` as ``kernels.ops.horizontal``; ``width`` as in ``vd_layer``."""
+    if width is not None and deleted is None:
+        dense = partial(hd_layer, compute_dtype=compute_dtype)
+        return sparse.layer(sparse.hd_narrow, dense, x_btd, w, g1_bthi, g2_bthj, width, compute_dtype)
     b, t, _ = x_btd.shape
     cd, e = compute_dtype, w["b"].shape[0]
     g1, g2 = g1_bthi.astype(cd), g2_bthj.astype(cd)
@@ -149,7 +164,8 @@ def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, w
         d_ij = deleted.astype(cd)
         z_btjm = z_btjm - deleted_units(x_btim, g1, g2, d_ij)
         s2_btj = s2_btj - deleted_weight(g1, g2, d_ij)
-    return sparse.project_experts([z_btjm], [w["v"]], s2_btj, w["b"], cd, width)
+    return project_experts([z_btjm], [w["v"]], s2_btj, w["b"], cd)
+
 
 class DenseMLP(nnx.Module):
     """The dense baseline: LLaMA SwiGLU (``hidden_act: silu``) or a relu2 MLP of ``intermediate_size``."""
@@ -184,7 +200,7 @@ def _impl(layer, x_btd, g_bthe, deleted) -> str:
 
 
 def _sparse_width(layer, x_btd, g_bthe, impl: str) -> int | None:
-    """How many expert rows of ``v`` the sparse path gathers (None: all of them)."""
+    """The most experts per side the sparse path gathers (None: the dense layer)."""
     b, t, _ = x_btd.shape
     return b * t * g_bthe.shape[2] * layer.sparse_k if impl == "sparse" else None
 
@@ -202,6 +218,9 @@ def _weights(layer, *names) -> dict:
             w[name] = v.kernel[...]
             if v.bias is not None:
                 w[f"{name}_bias"] = v.bias[...]
+            rows = getattr(layer, f"{name}_rows", None)  # an inference copy of the kernel as [out, in]
+            if rows is not None:
+                w[f"{name}_rows"] = rows[...]
         else:
             w[name] = v[...]
     return w

@@ -48,17 +48,47 @@ def cpu_compiler_options(rows: int | None = None, decompose: str | None = None) 
     return EIGEN_DOTS if mode == "eigen" else ONEDNN_DOTS
 
 
+class ExpertRows(nnx.Variable):
+    """An inference copy of an expert layer's ``u`` kernel as ``[E*m, d]`` (each expert's rows contiguous),
+    for the sparse path to read only the experts in use (``monet_jax.kernels.sparse``). Never trained or saved."""
+
+
+def decodes_sparse(config, batch: int) -> bool:
+    """Whether decoding ``batch`` rows one token at a time takes the sparse expert path (``moe_impl``
+    ``auto`` or ``sparse``), which reads ``u`` through :class:`ExpertRows`."""
+    from monet_jax.kernels import dispatch
+
+    if getattr(config, "moe_decompose", None) not in ("vertical", "horizontal"):
+        return False
+    k = dispatch.sparse_k(config.moe_sparse_k, config.moe_topk, config.moe_experts)
+    return dispatch.choose(config.moe_impl, batch, config.moe_heads, config.moe_experts, k) == "sparse"
+
+
 class PureModel:
     """A model in inference mode, split into its graph and its state's leaves.
 
+    ``expert_rows``: add :class:`ExpertRows` copies of every expert layer's ``u`` to the split state (the
+    model itself is left as it was), for decoding at small batches; they cost the memory of ``u`` once more.
     Split again (make a new one) after changing the model: an applied expert mask or new weights are
     not seen by an existing ``PureModel``."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, expert_rows: bool = False):
         model.eval()
         self.config = model.config
-        self.graphdef, state = nnx.split(model)
+        added = []
+        if expert_rows:
+            for _, module in nnx.iter_modules(model):
+                for name in ("u", "u1", "u2") if hasattr(module, "sparse_k") else ():
+                    if hasattr(module, name):
+                        setattr(module, f"{name}_rows", ExpertRows(getattr(module, name).kernel[...].T))
+                        added.append((module, f"{name}_rows"))
+        try:
+            self.graphdef, state = nnx.split(model)
+        finally:
+            for module, name in added:
+                delattr(module, name)
         self.leaves, self.treedef = jax.tree.flatten(state)
+        self.expert_rows = bool(added)
 
     def jit(self, fn, *, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = (),
             rows: int | None = None):
