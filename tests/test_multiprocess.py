@@ -135,6 +135,7 @@ def _check_resumed(tmp_path: Path, copies: dict[str, Path], k: int, reference: d
     assert not list(tmp_path.glob("*/.checkpoint.tmp*"))  # the final export renamed its directory into place
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_and_resume_on_one_or_two(tmp_path):
     out, k, reference = _stopped_run(tmp_path)
     # The same out_dir resumed by: the same command (2 x 4) and one process of 8 devices.
