@@ -30,6 +30,10 @@ def tiers(width: int, experts: int) -> list[int]:
     return [w for w in out if w < experts]
 
 
+def _experts(w: dict) -> int:
+    return (w["b1"] if "b1" in w else w["b"]).shape[0]
+
+
 def _union(g_bthe, width: int):
     """The experts some token and head routes to, as ``width`` indices (slots past the union repeat
     expert 0) and the routing weights at those indices (zero in the padding slots)."""
@@ -42,8 +46,7 @@ def _union(g_bthe, width: int):
 def _up(x_btd, w: dict, name: str, idx, cd):
     """``relu2(x @ u + b)`` of the experts ``idx`` only: ``[b, t, w, m]``."""
     b, t, d = x_btd.shape
-    bias = w[f"{name}_bias"]
-    e = w["b1"].shape[0] if "b1" in w else w["b"].shape[0]
+    bias, e = w[f"{name}_bias"], _experts(w)
     m = bias.shape[0] // e
     bias_w = bias.reshape(e, m)[idx].astype(cd)
     rows = w.get(f"{name}_rows")
@@ -88,10 +91,9 @@ def hd_narrow(x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd):
 
 def layer(narrow, dense, x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd):
     """``narrow`` at the smallest tier of ``width`` that holds both unions, else ``dense(x, w, g1, g2)``."""
-    e = w["b1"].shape[0] if "b1" in w else w["b"].shape[0]
     used = jnp.maximum(*(jnp.any(g != 0, axis=(0, 1, 2)).sum() for g in (g1_bthi, g2_bthj)))
     run = dense
-    for tier in reversed(tiers(width, e)):  # nest: the smallest tier is tried first
+    for tier in reversed(tiers(width, _experts(w))):  # nest: the smallest tier is tried first
         run = _tier(narrow, tier, cd, run, used)
     return run(x_btd, w, g1_bthi, g2_bthj)
 

@@ -15,6 +15,9 @@ from functools import partial
 import jax
 from flax import nnx
 
+from monet_jax.kernels import dispatch
+from monet_jax.model.experts import HorizontalExperts, VerticalExperts
+
 _COMPILED: dict = {}
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -56,9 +59,7 @@ class ExpertRows(nnx.Variable):
 def decodes_sparse(config, batch: int) -> bool:
     """Whether decoding ``batch`` rows one token at a time takes the sparse expert path (``moe_impl``
     ``auto`` or ``sparse``), which reads ``u`` through :class:`ExpertRows`."""
-    from monet_jax.kernels import dispatch
-
-    if getattr(config, "moe_decompose", None) not in ("vertical", "horizontal"):
+    if not config.is_moe:
         return False
     k = dispatch.sparse_k(config.moe_sparse_k, config.moe_topk, config.moe_experts)
     return dispatch.choose(config.moe_impl, batch, config.moe_heads, config.moe_experts, k) == "sparse"
@@ -78,8 +79,8 @@ class PureModel:
         added = []
         if expert_rows:
             for _, module in nnx.iter_modules(model):
-                for name in ("u", "u1", "u2") if hasattr(module, "sparse_k") else ():
-                    if hasattr(module, name):
+                if isinstance(module, (VerticalExperts, HorizontalExperts)):
+                    for name in ("u1", "u2") if isinstance(module, VerticalExperts) else ("u",):
                         setattr(module, f"{name}_rows", ExpertRows(getattr(module, name).kernel[...].T))
                         added.append((module, f"{name}_rows"))
         try:
@@ -88,7 +89,6 @@ class PureModel:
             for module, name in added:
                 delattr(module, name)
         self.leaves, self.treedef = jax.tree.flatten(state)
-        self.expert_rows = bool(added)
 
     def jit(self, fn, *, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = (),
             rows: int | None = None):
