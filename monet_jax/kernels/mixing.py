@@ -2,19 +2,22 @@
 
 Arrays are ``[b, m, E, t]`` (the ``u`` output ``p`` before ``relu2``, the ``v`` inputs) and ``[b, H, E, t]``
 (routing probabilities, in the compute dtype): tokens on the 128 lanes, experts on sublanes, ``m`` and
-``H`` as major dimensions, so a block is dense whatever ``m/2`` and ``H`` are. Each pass is two
-``pallas_call``\\ s over a ``(batch, token block, expert chunk)`` grid:
+``H`` as major dimensions, so a block is dense whatever ``m/2`` and ``H`` are. Each pass (VD or HD,
+forward or backward) has two phases over a ``(batch, token block, expert chunk)`` grid:
 
 1. *reduce*: the sums over all experts (``y_hm = sum_e g_he relu2(p)_me`` and, backward, the same of
-   the cotangents), accumulated over the expert chunks into tiny ``[b, H, m, 1, t]`` float32 arrays;
+   the cotangents), accumulated over the expert chunks into tiny ``[H, m, 1, t]`` float32 sums;
 2. *emit*: per expert chunk, everything else: ``relu2``, the straight-flow scaling and the spreads
    forward (the inputs of the ``v`` matmuls, written once in the compute dtype), ``dp`` and ``dg``
    backward.
 
-So ``p`` and ``g`` are read twice per pass and every output is written once; nothing of size
-``H * E * m`` per token ever reaches memory. Expert chunks are sized from a VMEM budget, so the blocks fit
-a TPU core at every published size. The math is :mod:`~monet_jax.kernels.lanes`' (the XLA path runs the
-same functions on whole arrays); the references are ``reference.{vd,hd}_mix_reference``.
+Where a token block's inputs over the whole expert axis fit VMEM (every pass at the 850M and 1.4B sizes),
+both phases are one ``pallas_call`` (:func:`one_pass`): the reduce phase keeps a VMEM copy of the chunks it
+reads and the sums, and the emit phase reads that copy, so every input crosses HBM once and the sums never
+do. Otherwise two calls (:func:`lanes_call`), which read the inputs of both phases twice and pass the sums
+through HBM. Nothing of size ``H * E * m`` per token ever reaches memory. Blocks are sized from a VMEM
+budget, so they fit a TPU core at every published size. The math is :mod:`~monet_jax.kernels.lanes`' (the
+XLA path runs the same functions on whole arrays); the references are ``reference.{vd,hd}_mix_reference``.
 """
 
 from __future__ import annotations
@@ -29,15 +32,23 @@ from monet_jax.kernels import dispatch, lanes
 
 f32 = jnp.float32
 VMEM_BUDGET = 6 << 20  # bytes per grid step: double-buffered blocks plus float32 temporaries
+VMEM_LIMIT = 14 << 20  # blocks plus the one-pass VMEM copies: a v4 core's 16 MiB scoped VMEM, less headroom
 LANE_BLOCK = 128  # tokens per block when the sequence is longer than this
 
 
-def _sizes(e: int, t: int, per_expert_token: int) -> tuple[int, int]:
+def _sizes(e: int, t: int, per_expert_token: int, resident: int | None = None) -> tuple[int | None, int]:
     """(expert chunk, token block): tokens in 128-lane blocks (the whole sequence when shorter); the
-    largest divisor of ``E`` that is a multiple of 16 (a bfloat16 sublane tile) and fits the budget."""
+    largest divisor of ``E`` that is a multiple of 16 (a bfloat16 sublane tile) and fits the budget.
+    ``resident``: VMEM bytes per token held for the whole grid step (the one-pass copies); the chunk is
+    then None when they leave no room."""
     tb = t if t <= LANE_BLOCK else LANE_BLOCK
     fits = [c for c in range(16, e + 1, 16) if e % c == 0 and c * tb * per_expert_token <= VMEM_BUDGET]
-    return (max(fits) if fits else (16 if e % 16 == 0 else e)), tb
+    chunk = max(fits) if fits else (16 if e % 16 == 0 else e)
+    if resident is not None:  # the largest chunk that leaves room for the copies, if any
+        room = [c for c in range(16, chunk + 1, 16) if e % c == 0] or [chunk]
+        room = [c for c in room if (resident + c * per_expert_token) * tb <= VMEM_LIMIT]
+        return (max(room) if room else None), tb
+    return chunk, tb
 
 
 def footprint(chunked, outs, reduce: bool) -> int:
@@ -106,14 +117,116 @@ def _sums(fn, args, h: int, m: int, count: int, name: str):
     return lanes_call(fn, args, (), [((h, m), f32)] * count, name=name, reduce=True)
 
 
+def _resident(inputs, both, h: int, m: int, n_sums: int) -> int:
+    """VMEM bytes per token of the one-pass copies: the inputs of both phases over all experts, and the
+    float32 ``[H, m, 1, t]`` sums (the unit sublane axis padded to 8)."""
+    e = inputs[0].shape[-2]
+    copies = sum(math.prod(inputs[i].shape[1:-2]) * e * jnp.dtype(inputs[i].dtype).itemsize for i in both)
+    return copies + n_sums * h * m * 8 * 4
+
+
+def _one_pass_kernel(reduce_fn, emit_fn, r_idx, e_idx, both, n_in: int, n_out: int, nc: int, ec: int):
+    def body(*refs):
+        ins, outs, scratch = refs[:n_in], refs[n_in:n_in + n_out], refs[n_in + n_out:]
+        copies, sums = dict(zip(both, scratch, strict=False)), scratch[len(both):]
+        k = pl.program_id(2)
+
+        def chunk(ref, j):  # expert chunk j of a whole-axis VMEM copy
+            start = pl.multiple_of(j * ec, ec)
+            return (slice(None),) * (len(ref.shape) - 2) + (pl.ds(start, ec), slice(None))
+
+        @pl.when(k < nc)
+        def _reduce():
+            for i, c in copies.items():
+                c[chunk(c, k)] = ins[i][...]
+
+            @pl.when(k == 0)
+            def _():
+                for s in sums:
+                    s[...] = jnp.zeros(s.shape, s.dtype)
+
+            for s, v in zip(sums, reduce_fn(*(ins[i][...] for i in r_idx)), strict=True):
+                s[...] += v
+
+        @pl.when(k >= nc)
+        def _emit():
+            blocks = [copies[i][chunk(copies[i], k - nc)] if i in copies else ins[i][...] for i in e_idx]
+            for o, v in zip(outs, emit_fn(*blocks, *(s[...] for s in sums)), strict=True):
+                if isinstance(v, tuple):  # a stacked output, written one slice at a time
+                    for j, part in enumerate(v):
+                        o[j] = part.astype(o.dtype)
+                else:
+                    o[...] = v.astype(o.dtype)
+
+    return body
+
+
+def plan(r_args, e_args, h: int, m: int, n_sums: int, outs):
+    """How :func:`mix_pass` runs: ``(inputs, r_idx, e_idx, both, chunk, token block)`` with ``inputs`` the
+    distinct arrays (by identity) of both phases, ``both`` those read in both (kept in VMEM), and ``chunk``
+    None where their copies do not fit VMEM (then the two-call form runs)."""
+    inputs = []
+    for a in (*r_args, *e_args):
+        if not any(a is x for x in inputs):
+            inputs.append(a)
+    pos = lambda a: next(i for i, x in enumerate(inputs) if x is a)  # noqa: E731
+    r_idx, e_idx = [pos(a) for a in r_args], [pos(a) for a in e_args]
+    both = [i for i in range(len(inputs)) if i in r_idx and i in e_idx]
+    e, t = inputs[0].shape[-2], inputs[0].shape[-1]
+    ec, tb = _sizes(e, t, footprint(inputs, outs, False), _resident(inputs, both, h, m, n_sums))
+    return inputs, r_idx, e_idx, both, ec, tb
+
+
+def mix_pass(reduce_fn, r_args, emit_fn, e_args, h: int, m: int, n_sums: int, outs, *, name: str):
+    """``emit_fn(*e_args_blocks, *sums)`` per expert chunk, where ``sums = reduce_fn(*r_args_blocks)``
+    summed over all experts (``n_sums`` float32 ``[b, H, m, 1, t]``); ``outs`` as :func:`lanes_call`.
+
+    One ``pallas_call`` when the inputs of both phases fit VMEM over the whole expert axis: its grid runs
+    ``2 * chunks`` steps per token block, the first half reducing (and copying its chunks to VMEM), the
+    second emitting from those copies. Inputs of one phase only keep their block index through the other
+    phase, so the pipeline fetches nothing for them there; outputs are written in the second half only.
+    Otherwise the reduce and emit passes run as two calls."""
+    inputs, r_idx, e_idx, both, ec, tb = plan(r_args, e_args, h, m, n_sums, outs)
+    if ec is None:
+        sums = _sums(reduce_fn, r_args, h, m, n_sums, name.replace("emit", "reduce"))
+        return lanes_call(emit_fn, e_args, sums, outs, name=name)
+    b, e, t = inputs[0].shape[0], inputs[0].shape[-2], inputs[0].shape[-1]
+    nc, tpad = e // ec, -(-t // tb) * tb
+    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tpad - t)]) if tpad != t else a  # noqa: E731
+
+    def spec(lead, chunk_of):
+        n = len(lead)
+        return pl.BlockSpec((None, *lead, ec, tb), lambda bi, ti, k, n=n: (bi,) + (0,) * n + (chunk_of(k), ti))
+
+    last, first = lambda k: jnp.minimum(k, nc - 1), lambda k: jnp.maximum(k - nc, 0)
+    in_specs = [spec(a.shape[1:-2], last if i in r_idx else first) for i, a in enumerate(inputs)]
+    out_shape = [jax.ShapeDtypeStruct((b, *lead, e, tpad), dt) for lead, dt in outs]
+    out_specs = [spec(lead, first) for lead, _ in outs]
+    scratch = [_vmem((*inputs[i].shape[1:-2], e, tb), inputs[i].dtype) for i in both]
+    scratch += [_vmem((h, m, 1, tb), f32) for _ in range(n_sums)]
+    kernel = _one_pass_kernel(reduce_fn, emit_fn, r_idx, e_idx, both, len(inputs), len(outs), nc, ec)
+    results = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, tpad // tb, 2 * nc), in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=scratch, interpret=dispatch.interpret_mode(), name=name.replace("_emit", ""),
+        compiler_params=dispatch.compiler_params(dispatch.target_platform(), ("parallel", "parallel", "arbitrary")),
+    )(*[pad(a) for a in inputs])
+    return [r[..., :t] if tpad != t else r for r in results]
+
+
+def _vmem(shape, dtype):
+    from jax.experimental.pallas import tpu as pltpu  # only when a kernel is built (no TPU module at import)
+
+    return pltpu.VMEM(shape, dtype)
+
+
 # -- HD -------------------------------------------------------------------------------------------------
 @jax.custom_vjp
 def hd_mix(p_bmEt, g1_bhEt, g2_bhEt):
     """HD: ``z[m, j] = sum_h g2[h, j] sum_i g1[h, i] relu2(p)[m, i]`` ``[b, m, E, t]`` in ``p``'s dtype,
     the input of ``v``. Reference: ``reference.hd_mix_reference`` (in the ``[n, E, m]`` layout)."""
     h, m = g1_bhEt.shape[1], p_bmEt.shape[1]
-    (y,) = _sums(lanes.hd_reduce, (p_bmEt, g1_bhEt), h, m, 1, "monet_hd_mix_reduce")
-    return lanes_call(lanes.hd_emit, (g2_bhEt,), (y,), [((m,), p_bmEt.dtype)], name="monet_hd_mix_emit")[0]
+    return mix_pass(lanes.hd_reduce, (p_bmEt, g1_bhEt), lanes.hd_emit, (g2_bhEt,), h, m, 1,
+                    [((m,), p_bmEt.dtype)], name="monet_hd_mix_emit")[0]
 
 
 def _hd_fwd(p, g1, g2):
@@ -123,9 +236,9 @@ def _hd_fwd(p, g1, g2):
 def _hd_bwd(res, dz):
     p, g1, g2 = res
     h, m, dz = g1.shape[1], p.shape[1], dz.astype(p.dtype)
-    y, dy = _sums(lanes.hd_reduce_bwd, (p, g1, g2, dz), h, m, 2, "monet_hd_mix_reduce_bwd")
     outs = [((m,), p.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
-    return tuple(lanes_call(lanes.hd_emit_bwd, (p, g1, dz), (y, dy), outs, name="monet_hd_mix_emit_bwd"))
+    return tuple(mix_pass(lanes.hd_reduce_bwd, (p, g1, g2, dz), lanes.hd_emit_bwd, (p, g1, dz), h, m, 2, outs,
+                          name="monet_hd_mix_emit_bwd"))
 
 
 hd_mix.defvjp(_hd_fwd, _hd_bwd)
@@ -139,9 +252,8 @@ def vd_mix(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt):
     ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout)."""
     args = (p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
     h, m = g1_bhEt.shape[1], p1_bmEt.shape[1]
-    sums = _sums(lanes.vd_reduce, args, h, m, 2, "monet_vd_mix_reduce")
     out = ((2, m), p1_bmEt.dtype)
-    return tuple(lanes_call(lanes.vd_emit, args, sums, [out, out], name="monet_vd_mix_emit"))
+    return tuple(mix_pass(lanes.vd_reduce, args, lanes.vd_emit, args, h, m, 2, [out, out], name="monet_vd_mix_emit"))
 
 
 def _vd_fwd(*args):
@@ -152,9 +264,9 @@ def _vd_bwd(res, cot):
     p1, p2, g1, g2 = res
     h, m = g1.shape[1], p1.shape[1]
     args = (*res, *(c.astype(p1.dtype) for c in cot))
-    sums = _sums(lanes.vd_reduce_bwd, args, h, m, 4, "monet_vd_mix_reduce_bwd")
     outs = [((m,), p1.dtype), ((m,), p2.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
-    return tuple(lanes_call(lanes.vd_emit_bwd, args, sums, outs, name="monet_vd_mix_emit_bwd"))
+    return tuple(mix_pass(lanes.vd_reduce_bwd, args, lanes.vd_emit_bwd, args, h, m, 4, outs,
+                          name="monet_vd_mix_emit_bwd"))
 
 
 vd_mix.defvjp(_vd_fwd, _vd_bwd)
