@@ -3,6 +3,7 @@ chip on this (CPU) machine: the quick loop for kernel work, beside ``tools/aot_c
 
     python benchmarks/layer_aot.py --config configs/monet-vd-1.4b.yaml                  # XLA path
     python benchmarks/layer_aot.py --config configs/monet-vd-1.4b.yaml model.moe_impl=pallas
+    python benchmarks/layer_aot.py --config configs/monet-vd-1.4b.yaml model.moe_impl=pallas model.remat=layer
 
 Compiles forward + backward (gradients of every parameter and of the input) of the router and
 ``moe_groups`` expert layers that share it, in ``bfloat16`` with float32 weights, on ``--tokens`` tokens
@@ -37,6 +38,7 @@ class Group(nnx.Module):
     """A router and the ``moe_groups`` expert layers it serves (residual between them), or dense MLPs."""
 
     def __init__(self, cfg: MonetConfig):
+        self.remat = cfg.remat == "layer"
         kw = dict(param_dtype=jnp.dtype(cfg.param_dtype), compute_dtype=jnp.dtype(cfg.compute_dtype),
                   rngs=nnx.Rngs(0))
         self.router = Router(cfg, **kw) if cfg.is_moe else None
@@ -44,15 +46,23 @@ class Group(nnx.Module):
         self.layers = nnx.List([make(cfg, **kw) for _ in range(cfg.moe_groups)])
 
     def __call__(self, x):
+        wrap = nnx.remat if self.remat else (lambda f: f)  # each layer rematerialized, as model.remat=layer
         if self.router is None:
             for layer in self.layers:
-                x = x + layer(x)
+                x = x + wrap(lambda layer, x: layer(x))(layer, x)
             return x
-        g1, g2 = self.router(x)
-        mixing_layout = tuple(probs_to_lanes(g, self.layers[0].compute_dtype) for g in (g1, g2))
+        probs = None
         for layer in self.layers:
-            x = x + layer(x, g1, g2, lanes_probs=mixing_layout)
+            x, probs = wrap(_expert_layer)(layer, self.router, x, probs)
         return x
+
+
+def _expert_layer(layer, router, x, probs):
+    """One expert layer; the first of the group routes (inside its remat region, as in the model)."""
+    if probs is None:
+        g1, g2 = router(x)
+        probs = (g1, g2, tuple(probs_to_lanes(g, layer.compute_dtype) for g in (g1, g2)))
+    return x + layer(x, probs[0], probs[1], lanes_probs=probs[2]), probs
 
 
 def dense_twin(cfg: MonetConfig) -> MonetConfig:
