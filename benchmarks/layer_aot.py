@@ -28,7 +28,6 @@ from flax import nnx  # noqa: E402
 
 from monet_jax import sharding  # noqa: E402
 from monet_jax.config import MonetConfig  # noqa: E402
-from monet_jax.kernels.lanes import probs_to_lanes  # noqa: E402
 from monet_jax.model.experts import DenseMLP, make_experts  # noqa: E402
 from monet_jax.model.router import Router  # noqa: E402
 from monet_jax.train import aot, hlo_bytes  # noqa: E402
@@ -60,9 +59,8 @@ class Group(nnx.Module):
 def _expert_layer(layer, router, x, probs):
     """One expert layer; the first of the group routes (inside its remat region, as in the model)."""
     if probs is None:
-        g1, g2 = router(x)
-        probs = (g1, g2, tuple(probs_to_lanes(g, layer.compute_dtype) for g in (g1, g2)))
-    return x + layer(x, probs[0], probs[1], lanes_probs=probs[2]), probs
+        probs = router.route(x, lanes_dtype=layer.compute_dtype)
+    return x + layer(x, probs[0], probs[1], lanes_probs=probs[3:]), probs
 
 
 def dense_twin(cfg: MonetConfig) -> MonetConfig:

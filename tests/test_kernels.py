@@ -78,13 +78,26 @@ def check_vjp(fn, ref, args, tol=1e-5):
 
 
 # -- router -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(37, 3, 20), (5, 1, 7)])
-def test_router_outputs_aux_sums_and_gradients(shape):
+def lanes_router(b: int, sigma: float, dtype=jnp.float32):
+    """The fused router (mixing layout ``[b, H, E, t]``) called with the reference's ``[n, H, E]`` logits."""
+    def run(z_nhe, mean, var):
+        n, h, e = z_nhe.shape
+        z_bhet = z_nhe.reshape(b, n // b, h, e).transpose(0, 2, 3, 1)
+        g, col, amb = fused_router(z_bhet, mean, var, sigma, 1e-5, dtype)
+        return g.transpose(0, 3, 1, 2).reshape(n, h, e), col, amb
+
+    return run
+
+
+@pytest.mark.parametrize("shape, b", [((37, 3, 20), 1), ((5, 1, 7), 1), ((2 * 150, 2, 24), 2)])
+def test_router_outputs_aux_sums_and_gradients(shape, b):
+    """Outputs, token sums and gradients equal the reference (150 tokens per row: two 128-lane blocks, the
+    second partial)."""
     z = jax.random.normal(jax.random.key(0), shape) * 2 + 0.3
     mean, var = z.mean((0, 2)), z.var((0, 2))
-    check_vjp(lambda z: fused_router(z, mean, var, 1.2, 1e-5, True),
-              lambda z: router_reference(z, mean, var, 1.2, 1e-5), (z,))
-    g, col, amb = fused_router(z, mean, var, 1.2, 1e-5, True)
+    router = lanes_router(b, 1.2)
+    check_vjp(lambda z: router(z, mean, var), lambda z: router_reference(z, mean, var, 1.2, 1e-5), (z,))
+    g, col, amb = router(z, mean, var)
     assert (np.asarray(g) == 0).any() and ((np.asarray(g) > 0).sum(-1) > 1).any()  # sparse, not one-hot
     # The token sums give the model's aux losses (averaged over the two halves there).
     unif, amb_loss = aux_from_sums(col, amb, shape[0])
@@ -92,18 +105,30 @@ def test_router_outputs_aux_sums_and_gradients(shape):
     close((unif, amb_loss), (want_unif, want_amb))
 
 
+def test_router_writes_the_mixing_dtype():
+    """``g`` leaves the kernel in the mixing dtype: the float32 probabilities rounded once."""
+    z = jax.random.normal(jax.random.key(3), (2 * 19, 2, 32)) * 2
+    mean, var = z.mean((0, 2)), z.var((0, 2))
+    g16, col16, _ = lanes_router(2, 1.2, jnp.bfloat16)(z, mean, var)
+    g32, col32, _ = lanes_router(2, 1.2)(z, mean, var)
+    assert g16.dtype == jnp.bfloat16 and col16.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(g16), np.asarray(g32.astype(jnp.bfloat16)))
+    close(col16, col32)  # the sums from the float32 values
+
+
 def test_router_gradient_reaches_only_the_logits():
     """The reference with statistics computed from z has the same gradient as the kernel with them
     fixed: the statistics only enter through the boolean mask."""
     z = jax.random.normal(jax.random.key(1), (37, 3, 20))
     mean, var = z.mean((0, 2)), z.var((0, 2))
+    router = lanes_router(1, 1.2)
 
     def ref_with_stats(z):
         return router_reference(z, z.mean((0, 2)), z.var((0, 2)), 1.2)
 
-    check_vjp(lambda z: fused_router(z, mean, var, 1.2, 1e-5, True), ref_with_stats, (z,))
-    _, vjp = jax.vjp(lambda m, v: fused_router(z, m, v, 1.2), mean, var)
-    assert all(not np.asarray(c).any() for c in vjp(jnp.ones(z.shape)))
+    check_vjp(lambda z: router(z, mean, var), ref_with_stats, (z,))
+    _, vjp = jax.vjp(lambda m, v: router(z, m, v), mean, var)
+    assert all(not np.asarray(c).any() for c in vjp((jnp.ones(z.shape), jnp.ones((3, 20)), jnp.ones(3))))
 
 
 def test_router_tied_heads():
@@ -114,10 +139,11 @@ def test_router_tied_heads():
     z = z.at[:, 0].set(0.0).at[:, 1, 3].set(z[:, 1].max(-1) + 1).at[:, 1, 5].set(z[:, 1].max(-1) + 1)
     mean, var = z.mean((0, 2)), z.var((0, 2))
     mean, var = mean.at[0].set(0.0), var.at[0].set(0.0)  # what BatchNorm sees for a constant head
-    g, _, _ = fused_router(z, mean, var, 2.0, 1e-5, True)
+    router = lanes_router(1, 2.0)
+    g, _, _ = router(z, mean, var)
     np.testing.assert_array_equal(np.asarray(g[:, 0]), np.full((21, e), 1 / e, np.float32))
     assert np.all(np.asarray(g[:, 1, 3]) == np.asarray(g[:, 1, 5]))
-    check_vjp(lambda z: fused_router(z, mean, var, 2.0, 1e-5, True),
+    check_vjp(lambda z: router(z, mean, var),
               lambda z: router_reference(z, mean, var, 2.0, 1e-5), (z,))
 
 

@@ -11,15 +11,16 @@ from monet_jax.kernels.mixing import hd_mix, vd_mix
 from monet_jax.kernels.router import fused_router
 
 
-def router_probs(z_bthe, mean_h, var_h, sigma: float, eps: float):
-    """``g`` ``[b, t, H, E]`` float32 from raw logits and the (global) BatchNorm statistics, with the
-    kernel's token sums for the aux losses: ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]``."""
+def router_probs(z_bhet, mean_h, var_h, sigma: float, eps: float, dtype):
+    """``g`` ``[b, H, E, t]`` in the mixing ``dtype`` from raw float32 logits ``[b, H, E, t]`` and the (global)
+    BatchNorm statistics, with the kernel's token sums for the aux losses: ``sum_bt g`` ``[H, E]`` and
+    ``sum_bt (1 - max_e g)`` ``[H]``."""
     def run(z, mean, var):
-        g, col, amb = fused_router(z.reshape(-1, *z.shape[2:]), mean, var, sigma, eps, True)
-        return g.reshape(z.shape), col[None], amb[None]  # per shard; summed over shards below
+        g, col, amb = fused_router(z, mean, var, sigma, eps, dtype)
+        return g, col[None], amb[None]  # per shard; summed over shards below
 
     g, col, amb = dispatch.partitioned(run, (True, False, False), (True, True, True))(
-        z_bthe.astype(jnp.float32), mean_h, var_h)
+        z_bhet.astype(jnp.float32), mean_h, var_h)
     return g, col.sum(axis=0), amb.sum(axis=0)
 
 

@@ -8,6 +8,12 @@ are the same test in exact arithmetic (BatchNorm is monotone per head), but only
 bit-identical under rounding (ties at ``max_e`` and values at ``sigma``), and it costs one
 multiply-add per element.
 
+Logits ``z`` are ``[b, H, E, t]`` (the router projection written with tokens on the 128 lanes, as the mixing
+kernels read them), so ``g`` leaves the kernel in the mixing layout and dtype: no ``[t, H, E]`` float32
+probabilities, no transpose and no cast pass between the router and the expert layers. The maximum and
+the softmax run over the sublane (expert) axis; the aux-loss sums stay lane-partial (one ``[H, E]`` slab of
+128 lanes per batch row, accumulated over the token blocks) so no cross-lane reduction runs per block.
+
 Gradients reach only the logits through the softmax: the mask is boolean, so the statistics get none.
 """
 
@@ -20,79 +26,115 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from monet_jax.kernels import dispatch
-from monet_jax.kernels.common import token_call
+
+LANES_BUDGET = 6 << 20  # bytes per grid step: double-buffered blocks and float32 temporaries
 
 
-def _fwd_kernel(z_ref, mean_ref, rstd_ref, g_ref, *aux_refs, sigma: float, n_valid: int, block: int):
-    z = z_ref[...].astype(jnp.float32)
-    nrm = (z - mean_ref[...][None]) * rstd_ref[...][None]
-    thr = jnp.minimum(jnp.max(nrm, axis=-1, keepdims=True), sigma)
+def _lanes_probs(z, mean, rstd, sigma: float):
+    """``(g, s)`` of a ``[h, E, t]`` block: the reference's operations over the expert axis 1 (``s``: the
+    softmax denominator, so ``max_e g = 1 / s``)."""
+    nrm = (z - mean) * rstd
+    thr = jnp.minimum(jnp.max(nrm, axis=1, keepdims=True), sigma)
     zm = jnp.where(nrm >= thr, z, -1e10)
-    e = jnp.exp(zm - jnp.max(zm, axis=-1, keepdims=True))
-    s = jnp.sum(e, axis=-1, keepdims=True)
-    g = e / s
-    g_ref[...] = g
-    if aux_refs:
-        col_ref, amb_ref = aux_refs
-        row = pl.program_id(0) * block + jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
-        valid = row < n_valid  # padded rows add nothing to the sums
-        col_ref[...] = jnp.sum(jnp.where(valid, g, 0.0), axis=0, keepdims=True)
-        amb_ref[...] = jnp.sum(jnp.where(valid, 1.0 - 1.0 / s, 0.0), axis=0, keepdims=True)  # max_e g = 1/s
+    e = jnp.exp(zm - jnp.max(zm, axis=1, keepdims=True))
+    s = jnp.sum(e, axis=1, keepdims=True)
+    return e / s, s
 
 
-def _bwd_kernel(g_ref, dg_ref, dcol_ref, damb_ref, dz_ref):
-    g = g_ref[...]
-    dg = dg_ref[...] + dcol_ref[...][None]
-    tie = (g == jnp.max(g, axis=-1, keepdims=True)).astype(jnp.float32)
-    dg = dg - damb_ref[...][None] * tie / jnp.sum(tie, axis=-1, keepdims=True)  # max splits over ties, as jnp.max
-    dz_ref[...] = g * (dg - jnp.sum(g * dg, axis=-1, keepdims=True))
+def _lanes_fwd_kernel(z_ref, mean_ref, rstd_ref, g_ref, col_ref, amb_ref, *, sigma: float, n_valid: int):
+    ti, tb = pl.program_id(2), z_ref.shape[-1]
+    g, s = _lanes_probs(z_ref[...].astype(jnp.float32), mean_ref[...], rstd_ref[...], sigma)
+    g_ref[...] = g.astype(g_ref.dtype)
+    valid = ti * tb + jax.lax.broadcasted_iota(jnp.int32, s.shape, 2) < n_valid  # padded tokens add nothing
+
+    @pl.when(ti == 0)
+    def _():
+        col_ref[...] = jnp.zeros(col_ref.shape, col_ref.dtype)
+        amb_ref[...] = jnp.zeros(amb_ref.shape, amb_ref.dtype)
+
+    col_ref[...] += jnp.where(valid, g, 0.0)
+    amb_ref[...] += jnp.where(valid, 1.0 - 1.0 / s, 0.0)  # max_e g = 1/s
 
 
-def _block(n: int, h: int, e: int) -> int:
-    return dispatch.block_tokens(n, 6 * h * e * 4)
+def _lanes_bwd_kernel(z_ref, mean_ref, rstd_ref, dg_ref, dcol_ref, damb_ref, dz_ref, *, sigma: float):
+    g, _ = _lanes_probs(z_ref[...].astype(jnp.float32), mean_ref[...], rstd_ref[...], sigma)  # as forward
+    dg = dg_ref[...].astype(jnp.float32) + dcol_ref[...]
+    tie = (g == jnp.max(g, axis=1, keepdims=True)).astype(jnp.float32)
+    dg = dg - damb_ref[...] * tie / jnp.sum(tie, axis=1, keepdims=True)
+    dz_ref[...] = (g * (dg - jnp.sum(g * dg, axis=1, keepdims=True))).astype(dz_ref.dtype)
 
 
-def _forward(z_nhe, mean_h, var_h, sigma, eps, with_aux):
-    n, h, e = z_nhe.shape
-    mean_he = jnp.broadcast_to(mean_h[:, None], (h, e)).astype(jnp.float32)
-    rstd_he = jnp.broadcast_to(jax.lax.rsqrt(var_h[:, None] + eps), (h, e)).astype(jnp.float32)
-    block = _block(n, h, e)
-    outs = [((h, e), jnp.float32, "tokens")]
-    if with_aux:
-        outs += [((h, e), jnp.float32, "blocks"), ((h, 1), jnp.float32, "blocks")]
-    kernel = partial(_fwd_kernel, sigma=float(sigma), n_valid=n, block=block)
-    res = token_call(kernel, (z_nhe, mean_he, rstd_he), (True, False, False), outs, block=block,
-                     name="monet_router_fwd")
-    if not with_aux:
-        return res[0]
-    return res[0], res[1].sum(axis=0), res[2].sum(axis=(0, 2))
+def _lanes_blocks(h: int, e: int, t: int) -> tuple[int, int]:
+    """(heads per block, token block): 128-lane token blocks (the whole sequence when shorter) and the most
+    heads dividing ``H`` whose blocks and temporaries fit the budget (a dozen float32 ``[E, t]`` per head)."""
+    tb = t if t <= 128 else 128
+    fits = [k for k in range(1, h + 1) if h % k == 0 and k * e * tb * 4 * 12 <= LANES_BUDGET]
+    return (max(fits) if fits else 1), tb
+
+
+def _lanes_call(kernel, args, kinds, outs, *, dims, name: str):
+    """Run ``kernel`` over a ``(batch, head block, token block)`` grid; ``dims`` = ``(b, H, E, t)``. ``kinds``:
+    per argument ``bhet`` (``[b, H, E, t]``) or ``h`` (``[H, x, y]``, blocked over heads only); ``outs``:
+    ``(shape, dtype, kind)`` with kind ``bhet`` or ``acc`` (``[b, H, x, tb]``, accumulated over the token
+    blocks)."""
+    b, h, e, t = dims
+    hb, tb = _lanes_blocks(h, e, t)
+    tpad = -(-t // tb) * tb
+    blocks = {"bhet": (lambda shape: (None, hb, e, tb), lambda bi, hi, ti: (bi, hi, 0, ti)),
+              "acc": (lambda shape: (None, hb, *shape[2:]), lambda bi, hi, ti: (bi, hi, 0, 0)),
+              "h": (lambda shape: (hb, *shape[1:]), lambda bi, hi, ti: (hi, 0, 0))}
+    spec = lambda shape, kind: pl.BlockSpec(blocks[kind][0](shape), blocks[kind][1])  # noqa: E731
+    tokens = ("bhet",)
+    padded = [jnp.pad(a, [(0, 0)] * 3 + [(0, tpad - t)]) if k in tokens and tpad != t else a
+              for a, k in zip(args, kinds, strict=True)]
+    out_shape = [jax.ShapeDtypeStruct((*shape[:-1], tpad if kind in tokens else tb), dt) for shape, dt, kind in outs]
+    semantics = ("parallel", "parallel", "arbitrary")  # the token axis accumulates the aux sums
+    results = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, h // hb, tpad // tb),
+        in_specs=[spec(a.shape, k) for a, k in zip(padded, kinds, strict=True)],
+        out_specs=[spec(s.shape, k) for s, (_, _, k) in zip(out_shape, outs, strict=True)],
+        interpret=dispatch.interpret_mode(), name=name,
+        compiler_params=dispatch.compiler_params(dispatch.target_platform(), semantics))(*padded)
+    return [r[..., :t] if kind in tokens and tpad != t else r for r, (_, _, kind) in zip(results, outs, strict=True)]
+
+
+def _stats(mean_h, var_h, eps):
+    h = mean_h.shape[0]
+    return (mean_h.reshape(h, 1, 1).astype(jnp.float32),
+            jax.lax.rsqrt(var_h.reshape(h, 1, 1).astype(jnp.float32) + eps))
+
+
+def _forward(z_bhet, mean_h, var_h, sigma, eps, dtype):
+    b, h, e, t = z_bhet.shape
+    mean, rstd = _stats(mean_h, var_h, eps)
+    tb = _lanes_blocks(h, e, t)[1]
+    outs = [((b, h, e, t), dtype, "bhet"), ((b, h, e, tb), jnp.float32, "acc"), ((b, h, 1, tb), jnp.float32, "acc")]
+    g, col, amb = _lanes_call(partial(_lanes_fwd_kernel, sigma=float(sigma), n_valid=t), (z_bhet, mean, rstd),
+                              ("bhet", "h", "h"), outs, dims=(b, h, e, t), name="monet_router_fwd")
+    return g, col.sum(axis=(0, 3)), amb.sum(axis=(0, 2, 3))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def fused_router(z_nhe, mean_h, var_h, sigma: float, eps: float = 1e-5, with_aux: bool = False):
-    """Routing probabilities ``g`` ``[n, H, E]`` (float32) of raw logits ``z``; with ``with_aux`` also
-    ``sum_n g`` ``[H, E]`` and ``sum_n (1 - max_e g)`` ``[H]``. Reference: ``reference.router_reference``."""
-    return _forward(z_nhe, mean_h, var_h, sigma, eps, with_aux)
+def fused_router(z_bhet, mean_h, var_h, sigma: float, eps: float, dtype):
+    """``g`` ``[b, H, E, t]`` (the mixing layout) in ``dtype`` from raw float32 logits ``z`` ``[b, H, E, t]``,
+    with ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]`` (float32). The backward recomputes ``g``
+    from ``z`` (the same operations, so the same mask) instead of saving it.
+    Reference: ``reference.router_reference`` on ``z`` transposed to ``[b*t, H, E]``."""
+    return _forward(z_bhet, mean_h, var_h, sigma, eps, dtype)
 
 
-def _vjp_fwd(z_nhe, mean_h, var_h, sigma, eps, with_aux):
-    out = _forward(z_nhe, mean_h, var_h, sigma, eps, with_aux)
-    g = out[0] if with_aux else out
-    return out, (g, mean_h, var_h)
+def _vjp_fwd(z_bhet, mean_h, var_h, sigma, eps, dtype):
+    return _forward(z_bhet, mean_h, var_h, sigma, eps, dtype), (z_bhet, mean_h, var_h)
 
 
-def _vjp_bwd(sigma, eps, with_aux, res, cot):
-    g, mean_h, var_h = res
-    n, h, e = g.shape
-    if with_aux:
-        dg, dcol, damb = cot
-    else:
-        dg, dcol, damb = cot, jnp.zeros((h, e), jnp.float32), jnp.zeros((h,), jnp.float32)
-    block = _block(n, h, e)
-    (dz,) = token_call(_bwd_kernel, (g, dg.astype(jnp.float32), dcol.astype(jnp.float32),
-                                     damb.astype(jnp.float32)[:, None]),
-                       (True, True, False, False), [((h, e), jnp.float32, "tokens")], block=block,
-                       name="monet_router_bwd")
+def _vjp_bwd(sigma, eps, dtype, res, cot):
+    z, mean_h, var_h = res
+    dg, dcol, damb = cot
+    b, h, e, t = z.shape
+    mean, rstd = _stats(mean_h, var_h, eps)
+    args = (z, mean, rstd, dg, dcol.astype(jnp.float32)[..., None], damb.astype(jnp.float32).reshape(h, 1, 1))
+    (dz,) = _lanes_call(partial(_lanes_bwd_kernel, sigma=float(sigma)), args, ("bhet", "h", "h", "bhet", "h", "h"),
+                        [(z.shape, z.dtype, "bhet")], dims=(b, h, e, t), name="monet_router_bwd")
     return dz, jnp.zeros_like(mean_h), jnp.zeros_like(var_h)
 
 

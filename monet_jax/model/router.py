@@ -5,6 +5,8 @@ The router always runs in float32: its projection accumulates in float32 whateve
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,6 +14,7 @@ from flax import nnx
 from monet_jax.config import MonetConfig
 from monet_jax.kernels import dispatch
 from monet_jax.kernels import ops as kernel_ops
+from monet_jax.kernels.lanes import probs_to_lanes
 from monet_jax.kernels.reference import aux_from_sums
 from monet_jax.model.layers import Dense
 from monet_jax.sharding import constrain
@@ -29,24 +32,28 @@ class HeadBatchNorm(nnx.Module):
         self.momentum, self.eps = momentum, eps
         self.use_running_average = True
 
-    def statistics(self, z_bthe):
-        """(mean, biased variance) per head; under ``jit`` with a sharded batch these are global."""
-        mean_h = jnp.mean(z_bthe, axis=(0, 1, 3))
-        var_h = jnp.mean(jnp.square(z_bthe - mean_h[:, None]), axis=(0, 1, 3))
+    def statistics(self, z, axes=(0, 1, 3)):
+        """(mean, biased variance) per head over ``axes`` (all but the head axis: ``[b, t, H, E]`` by default,
+        ``(0, 2, 3)`` for ``[b, H, E, t]``); under ``jit`` with a sharded batch these are global."""
+        mean_h = jnp.mean(z, axis=axes)
+        shape = [1] * z.ndim
+        shape[next(a for a in range(z.ndim) if a not in axes)] = -1
+        var_h = jnp.mean(jnp.square(z - mean_h.reshape(shape)), axis=axes)
         return mean_h, var_h
 
     def __call__(self, z_bthe):
         mean_h, var_h = self.moments(z_bthe)
         return (z_bthe - mean_h[:, None]) * jax.lax.rsqrt(var_h[:, None] + self.eps)
 
-    def moments(self, z_bthe):
+    def moments(self, z, axes=(0, 1, 3)):
         """The (mean, variance) per head that normalize ``z``: running ones in inference; in training the
-        batch ones, updating the running statistics (the fused router kernel takes these)."""
+        batch ones (over ``axes``, as :meth:`statistics`), updating the running statistics (the fused router
+        kernel takes these)."""
         if self.use_running_average:
             mean_h, var_h = self.running_mean[...], self.running_var[...]
         else:
-            mean_h, var_h = self.statistics(z_bthe)
-            n = z_bthe.shape[0] * z_bthe.shape[1] * z_bthe.shape[3]
+            mean_h, var_h = self.statistics(z, axes)
+            n = math.prod(z.shape[a] for a in axes)
             m = self.momentum
             unbiased_h = var_h * (n / max(n - 1, 1))
             self.running_mean[...] = (1 - m) * self.running_mean[...] + m * jax.lax.stop_gradient(mean_h)
@@ -78,10 +85,17 @@ class Router(nnx.Module):
         """Returns ``(g1, g2)``, each ``[b, t, H, E]`` float32."""
         return self.route(x_btd)[:2]
 
-    def route(self, x_btd):
-        """``(g1, g2, sums)``: the routing probabilities and, for the aux losses, ``sums`` = per half the
-        token sums ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]`` (from the fused router
-        kernel's pass on ``pallas``, so the training step never reads ``g`` again for them).
+    def route(self, x_btd, lanes_dtype=None):
+        """``(g1, g2, sums, g1_lanes, g2_lanes)``: the routing probabilities; for the aux losses, ``sums`` = per
+        half the token sums ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]``; and with
+        ``lanes_dtype``, ``g`` again in the mixing layout ``[b, H, E, t]`` of :mod:`monet_jax.kernels.lanes`
+        in that dtype (else None).
+
+        On ``pallas`` the router runs in the mixing layout: the projection writes ``z`` as ``[b, H, E, t]``
+        and the fused kernel returns ``g`` there, in the mixing dtype, with the token sums (so
+        the training step never reads ``g`` again for them). ``g1``/``g2`` ``[b, t, H, E]`` are then computed
+        from the same logits and statistics by the XLA formula, only where a caller uses them (the training
+        step does not).
 
         A third sum ``[H, E]`` is what the uniformity loss reads: ``sum_bt g`` again, or with
         ``aux_probs = "dense"`` the sum of ``softmax(z)`` over all ``E`` experts. An expert below the
@@ -90,19 +104,39 @@ class Router(nnx.Module):
         layer's output do not change."""
         b, t, _ = x_btd.shape
         fused = dispatch.choose(self.moe_impl, b * t, self.heads, self.experts, self.sparse_k) == "pallas"
-        probs, sums = [], []
+        probs, sums, lanes = [], [], []
         for w, norm in ((self.w1, self.norm1), (self.w2, self.norm2)):
-            z_bthe = w(x_btd, out_dtype=jnp.float32).astype(jnp.float32).reshape(b, t, self.heads, self.experts)
-            z_bthe = constrain(z_bthe, ("batch", "seq", None, "experts"))
-            if fused:  # statistics here (global batch, running update), the per-token pass in the kernel
-                g, col, amb = kernel_ops.router_probs(z_bthe, *norm.moments(z_bthe), self.sigma, norm.eps)
+            if fused:
+                g, s, g_lanes = self._route_lanes(x_btd, w, norm, lanes_dtype or jnp.float32)
             else:
-                g = sparse_softmax(z_bthe, norm(z_bthe), self.sigma)
-                col, amb = jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))
-            dense = jnp.sum(jax.nn.softmax(z_bthe, axis=-1), axis=(0, 1)) if self.aux_probs == "dense" else col
+                g, s = self._route(x_btd, w, norm)
+                g_lanes = None if lanes_dtype is None else probs_to_lanes(g, lanes_dtype)
             probs.append(g)
-            sums.append((col, amb, dense))
-        return probs[0], probs[1], tuple(sums)
+            sums.append(s)
+            lanes.append(g_lanes if lanes_dtype is not None else None)
+        return probs[0], probs[1], tuple(sums), lanes[0], lanes[1]
+
+    def _route(self, x_btd, w, norm):
+        b, t, _ = x_btd.shape
+        z_bthe = w(x_btd, out_dtype=jnp.float32).astype(jnp.float32).reshape(b, t, self.heads, self.experts)
+        z_bthe = constrain(z_bthe, ("batch", "seq", None, "experts"))
+        g = sparse_softmax(z_bthe, norm(z_bthe), self.sigma)
+        col, amb = jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))
+        dense = jnp.sum(jax.nn.softmax(z_bthe, axis=-1), axis=(0, 1)) if self.aux_probs == "dense" else col
+        return g, (col, amb, dense)
+
+    def _route_lanes(self, x_btd, w, norm, dtype):
+        """One half on the fused kernel, in the mixing layout."""
+        cd, d = w.compute_dtype, x_btd.shape[-1]
+        w_dhe = w.kernel[...].reshape(d, self.heads, self.experts).astype(cd)
+        z_bhet = jnp.einsum("btd,dhe->bhet", x_btd.astype(cd), w_dhe, preferred_element_type=jnp.float32)
+        z_bhet = constrain(z_bhet.astype(jnp.float32), ("batch", None, "experts", "seq"))
+        mean_h, var_h = norm.moments(z_bhet, axes=(0, 2, 3))  # batch statistics here: global, running update
+        g_lanes, col, amb = kernel_ops.router_probs(z_bhet, mean_h, var_h, self.sigma, norm.eps, dtype)
+        z_bthe = jnp.transpose(z_bhet, (0, 3, 1, 2))
+        g = sparse_softmax(z_bthe, (z_bthe - mean_h[:, None]) * jax.lax.rsqrt(var_h[:, None] + norm.eps), self.sigma)
+        dense = jnp.sum(jax.nn.softmax(z_bhet, axis=2), axis=(0, 3)) if self.aux_probs == "dense" else col
+        return g, (col, amb, dense), g_lanes
 
 
 def router_aux(sums, tokens: int):

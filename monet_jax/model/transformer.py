@@ -12,7 +12,6 @@ import numpy as np
 from flax import nnx
 
 from monet_jax.config import MonetConfig
-from monet_jax.kernels.lanes import probs_to_lanes
 from monet_jax.model.attention import Attention, attention_mask
 from monet_jax.model.experts import DenseMLP, ExpertDeletion, make_experts
 from monet_jax.model.layers import Dense, Embed, RMSNorm, rope_tables
@@ -60,8 +59,7 @@ class DecoderLayer(nnx.Module):
         if not hasattr(self, "moe"):
             return x_btd + self.mlp(h_btd), None
         if self.router is not None:  # (g1, g2, sums) and (g1, g2) in the mixing layout, once per group
-            g1, g2, sums = self.router.route(h_btd)
-            probs = (g1, g2, sums, *(probs_to_lanes(g, self.moe.compute_dtype) for g in (g1, g2)))
+            probs = self.router.route(h_btd, lanes_dtype=self.moe.compute_dtype)
         deleted = None if self.deleted is None else self.deleted[...]
         return x_btd + self.moe(h_btd, probs[0], probs[1], deleted=deleted, lanes_probs=probs[3:]), probs
 
