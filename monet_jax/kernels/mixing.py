@@ -73,14 +73,18 @@ def _kernel(fn, n_in: int, reduce: bool):
             for o, v in zip(outs, values, strict=True):
                 o[...] += v
             return
-        for o, v in zip(outs, values, strict=True):
-            if isinstance(v, tuple):  # a stacked output, written one slice at a time
-                for k, part in enumerate(v):
-                    o[k] = part.astype(o.dtype)
-            else:
-                o[...] = v.astype(o.dtype)
+        _write(outs, values)
 
     return body
+
+
+def _write(outs, values):
+    for o, v in zip(outs, values, strict=True):
+        if isinstance(v, tuple):  # a stacked output, written one slice at a time
+            for k, part in enumerate(v):
+                o[k] = part.astype(o.dtype)
+        else:
+            o[...] = v.astype(o.dtype)
 
 
 def lanes_call(fn, chunked, sums, outs, *, name: str, reduce: bool = False):
@@ -151,12 +155,7 @@ def _one_pass_kernel(reduce_fn, emit_fn, r_idx, e_idx, both, n_in: int, n_out: i
         @pl.when(k >= nc)
         def _emit():
             blocks = [copies[i][chunk(copies[i], k - nc)] if i in copies else ins[i][...] for i in e_idx]
-            for o, v in zip(outs, emit_fn(*blocks, *(s[...] for s in sums)), strict=True):
-                if isinstance(v, tuple):  # a stacked output, written one slice at a time
-                    for j, part in enumerate(v):
-                        o[j] = part.astype(o.dtype)
-                else:
-                    o[...] = v.astype(o.dtype)
+            _write(outs, emit_fn(*blocks, *(s[...] for s in sums)))
 
     return body
 
