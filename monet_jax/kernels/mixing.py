@@ -12,7 +12,7 @@ forward or backward) has two phases over a ``(batch, token block, expert chunk)`
    backward.
 
 Where a token block's inputs over the whole expert axis fit VMEM (every pass at the 850M and 1.4B sizes),
-both phases are one ``pallas_call`` (:func:`one_pass`): the reduce phase keeps a VMEM copy of the chunks it
+both phases are one ``pallas_call`` (:func:`mix_pass`): the reduce phase keeps a VMEM copy of the chunks it
 reads and the sums, and the emit phase reads that copy, so every input crosses HBM once and the sums never
 do. Otherwise two calls (:func:`lanes_call`), which read the inputs of both phases twice and pass the sums
 through HBM. Nothing of size ``H * E * m`` per token ever reaches memory. Blocks are sized from a VMEM

@@ -27,10 +27,10 @@ from jax.experimental import pallas as pl
 
 from monet_jax.kernels import dispatch
 
-LANES_BUDGET = 6 << 20  # bytes per grid step: double-buffered blocks and float32 temporaries
+VMEM_BUDGET = 6 << 20  # bytes per grid step: double-buffered blocks and float32 temporaries
 
 
-def _lanes_probs(z, mean, rstd, sigma: float):
+def _probs(z, mean, rstd, sigma: float):
     """``(g, s)`` of a ``[h, E, t]`` block: the reference's operations over the expert axis 1 (``s``: the
     softmax denominator, so ``max_e g = 1 / s``)."""
     nrm = (z - mean) * rstd
@@ -41,9 +41,9 @@ def _lanes_probs(z, mean, rstd, sigma: float):
     return e / s, s
 
 
-def _lanes_fwd_kernel(z_ref, mean_ref, rstd_ref, g_ref, col_ref, amb_ref, *, sigma: float, n_valid: int):
+def _fwd_kernel(z_ref, mean_ref, rstd_ref, g_ref, col_ref, amb_ref, *, sigma: float, n_valid: int):
     ti, tb = pl.program_id(2), z_ref.shape[-1]
-    g, s = _lanes_probs(z_ref[...].astype(jnp.float32), mean_ref[...], rstd_ref[...], sigma)
+    g, s = _probs(z_ref[...].astype(jnp.float32), mean_ref[...], rstd_ref[...], sigma)
     g_ref[...] = g.astype(g_ref.dtype)
     valid = ti * tb + jax.lax.broadcasted_iota(jnp.int32, s.shape, 2) < n_valid  # padded tokens add nothing
 
@@ -56,29 +56,29 @@ def _lanes_fwd_kernel(z_ref, mean_ref, rstd_ref, g_ref, col_ref, amb_ref, *, sig
     amb_ref[...] += jnp.where(valid, 1.0 - 1.0 / s, 0.0)  # max_e g = 1/s
 
 
-def _lanes_bwd_kernel(z_ref, mean_ref, rstd_ref, dg_ref, dcol_ref, damb_ref, dz_ref, *, sigma: float):
-    g, _ = _lanes_probs(z_ref[...].astype(jnp.float32), mean_ref[...], rstd_ref[...], sigma)  # as forward
+def _bwd_kernel(z_ref, mean_ref, rstd_ref, dg_ref, dcol_ref, damb_ref, dz_ref, *, sigma: float):
+    g, _ = _probs(z_ref[...].astype(jnp.float32), mean_ref[...], rstd_ref[...], sigma)  # as forward
     dg = dg_ref[...].astype(jnp.float32) + dcol_ref[...]
     tie = (g == jnp.max(g, axis=1, keepdims=True)).astype(jnp.float32)
     dg = dg - damb_ref[...] * tie / jnp.sum(tie, axis=1, keepdims=True)
     dz_ref[...] = (g * (dg - jnp.sum(g * dg, axis=1, keepdims=True))).astype(dz_ref.dtype)
 
 
-def _lanes_blocks(h: int, e: int, t: int) -> tuple[int, int]:
+def _blocks(h: int, e: int, t: int) -> tuple[int, int]:
     """(heads per block, token block): 128-lane token blocks (the whole sequence when shorter) and the most
     heads dividing ``H`` whose blocks and temporaries fit the budget (a dozen float32 ``[E, t]`` per head)."""
     tb = t if t <= 128 else 128
-    fits = [k for k in range(1, h + 1) if h % k == 0 and k * e * tb * 4 * 12 <= LANES_BUDGET]
+    fits = [k for k in range(1, h + 1) if h % k == 0 and k * e * tb * 4 * 12 <= VMEM_BUDGET]
     return (max(fits) if fits else 1), tb
 
 
-def _lanes_call(kernel, args, kinds, outs, *, dims, name: str):
+def _call(kernel, args, kinds, outs, *, dims, name: str):
     """Run ``kernel`` over a ``(batch, head block, token block)`` grid; ``dims`` = ``(b, H, E, t)``. ``kinds``:
     per argument ``bhet`` (``[b, H, E, t]``) or ``h`` (``[H, x, y]``, blocked over heads only); ``outs``:
     ``(shape, dtype, kind)`` with kind ``bhet`` or ``acc`` (``[b, H, x, tb]``, accumulated over the token
     blocks)."""
     b, h, e, t = dims
-    hb, tb = _lanes_blocks(h, e, t)
+    hb, tb = _blocks(h, e, t)
     tpad = -(-t // tb) * tb
     blocks = {"bhet": (lambda shape: (None, hb, e, tb), lambda bi, hi, ti: (bi, hi, 0, ti)),
               "acc": (lambda shape: (None, hb, *shape[2:]), lambda bi, hi, ti: (bi, hi, 0, 0)),
@@ -107,9 +107,9 @@ def _stats(mean_h, var_h, eps):
 def _forward(z_bhet, mean_h, var_h, sigma, eps, dtype):
     b, h, e, t = z_bhet.shape
     mean, rstd = _stats(mean_h, var_h, eps)
-    tb = _lanes_blocks(h, e, t)[1]
+    tb = _blocks(h, e, t)[1]
     outs = [((b, h, e, t), dtype, "bhet"), ((b, h, e, tb), jnp.float32, "acc"), ((b, h, 1, tb), jnp.float32, "acc")]
-    g, col, amb = _lanes_call(partial(_lanes_fwd_kernel, sigma=float(sigma), n_valid=t), (z_bhet, mean, rstd),
+    g, col, amb = _call(partial(_fwd_kernel, sigma=float(sigma), n_valid=t), (z_bhet, mean, rstd),
                               ("bhet", "h", "h"), outs, dims=(b, h, e, t), name="monet_router_fwd")
     return g, col.sum(axis=(0, 3)), amb.sum(axis=(0, 2, 3))
 
@@ -133,7 +133,7 @@ def _vjp_bwd(sigma, eps, dtype, res, cot):
     b, h, e, t = z.shape
     mean, rstd = _stats(mean_h, var_h, eps)
     args = (z, mean, rstd, dg, dcol.astype(jnp.float32)[..., None], damb.astype(jnp.float32).reshape(h, 1, 1))
-    (dz,) = _lanes_call(partial(_lanes_bwd_kernel, sigma=float(sigma)), args, ("bhet", "h", "h", "bhet", "h", "h"),
+    (dz,) = _call(partial(_bwd_kernel, sigma=float(sigma)), args, ("bhet", "h", "h", "bhet", "h", "h"),
                         [(z.shape, z.dtype, "bhet")], dims=(b, h, e, t), name="monet_router_bwd")
     return dz, jnp.zeros_like(mean_h), jnp.zeros_like(var_h)
 

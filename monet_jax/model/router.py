@@ -42,7 +42,10 @@ class HeadBatchNorm(nnx.Module):
         return mean_h, var_h
 
     def __call__(self, z_bthe):
-        mean_h, var_h = self.moments(z_bthe)
+        return self.normalize(z_bthe, *self.moments(z_bthe))
+
+    def normalize(self, z_bthe, mean_h, var_h):
+        """``z`` ``[b, t, H, E]`` in BatchNorm space with the given per-head statistics."""
         return (z_bthe - mean_h[:, None]) * jax.lax.rsqrt(var_h[:, None] + self.eps)
 
     def moments(self, z, axes=(0, 1, 3)):
@@ -110,10 +113,10 @@ class Router(nnx.Module):
                 g, s, g_lanes = self._route_lanes(x_btd, w, norm, lanes_dtype or jnp.float32)
             else:
                 g, s = self._route(x_btd, w, norm)
-                g_lanes = None if lanes_dtype is None else probs_to_lanes(g, lanes_dtype)
+                g_lanes = probs_to_lanes(g, lanes_dtype) if lanes_dtype is not None else None
             probs.append(g)
             sums.append(s)
-            lanes.append(g_lanes if lanes_dtype is not None else None)
+            lanes.append(g_lanes if lanes_dtype is not None else None)  # fused without a dtype: not asked for
         return probs[0], probs[1], tuple(sums), lanes[0], lanes[1]
 
     def _route(self, x_btd, w, norm):
@@ -134,7 +137,7 @@ class Router(nnx.Module):
         mean_h, var_h = norm.moments(z_bhet, axes=(0, 2, 3))  # batch statistics here: global, running update
         g_lanes, col, amb = kernel_ops.router_probs(z_bhet, mean_h, var_h, self.sigma, norm.eps, dtype)
         z_bthe = jnp.transpose(z_bhet, (0, 3, 1, 2))
-        g = sparse_softmax(z_bthe, (z_bthe - mean_h[:, None]) * jax.lax.rsqrt(var_h[:, None] + norm.eps), self.sigma)
+        g = sparse_softmax(z_bthe, norm.normalize(z_bthe, mean_h, var_h), self.sigma)
         dense = jnp.sum(jax.nn.softmax(z_bhet, axis=2), axis=(0, 3)) if self.aux_probs == "dense" else col
         return g, (col, amb, dense), g_lanes
 
