@@ -167,8 +167,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 Decompose = Literal["vertical", "horizontal", "none"]
 Remat = Literal["none", "layer", "group"]
 MoeImpl = Literal["xla", "pallas", "sparse", "auto"]
+AttentionImpl = Literal["auto", "xla", "flash"]
 # ours, never in config.json
-POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_groups", "moe_impl", "moe_sparse_k")
+POLICY_FIELDS = ("param_dtype", "compute_dtype", "remat", "scan_groups", "moe_impl", "moe_sparse_k",
+                 "attention_impl")
 
 # Fields Hugging Face writes into config.json that carry no meaning for this model.
 _HF_IGNORED = {
@@ -215,6 +217,7 @@ class MonetConfig:
     scan_groups: bool = False   # lax.scan over routing groups: compile time independent of depth
     moe_impl: MoeImpl = "xla"   # expert/router kernels: plain XLA einsums, Pallas, sparse gather, or chosen per call
     moe_sparse_k: int = 0       # sparse path: experts gathered per token and head (0: min(E, 2 * moe_topk))
+    attention_impl: AttentionImpl = "auto"  # flash kernel (TPU, tokens a multiple of 128) or XLA attention
 
     def __post_init__(self):
         self.validate()
@@ -267,6 +270,8 @@ class MonetConfig:
              f"head_dim must be a positive even number for RoPE, got {self.head_size}")
         need(self.rms_norm_eps > 0, f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         need(self.rope_theta > 0, f"rope_theta must be positive, got {self.rope_theta}")
+        need(self.attention_impl in typing.get_args(AttentionImpl), "attention_impl must be one of "
+             f"{', '.join(typing.get_args(AttentionImpl))}, got {self.attention_impl!r}")
         need(self.moe_impl in typing.get_args(MoeImpl),
              f"moe_impl must be one of {', '.join(typing.get_args(MoeImpl))}, got {self.moe_impl!r}")
         need(self.rope_scaling is None, "rope_scaling is not supported (must be null)")

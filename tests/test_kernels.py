@@ -479,13 +479,15 @@ from flax import nnx
 from monet_jax import MonetForCausalLM, sharding
 from monet_jax.config import MonetConfig
 
-cfg = dataclasses.replace(MonetConfig.from_yaml("configs/tiny-vd.yaml"), moe_decompose=sys.argv[1], moe_impl="pallas")
+dec, t, attn = (sys.argv[1:] + ["64", "auto"])[:3]  # decomposition, tokens per row, attention_impl
+cfg = dataclasses.replace(MonetConfig.from_yaml("configs/tiny-vd.yaml"), moe_decompose=dec, moe_impl="pallas",
+                          attention_impl=attn, max_position_embeddings=max(64, int(t)))
 topo = topologies.get_topology_desc(platform="tpu", topology_name="v4:2x2x2", chip_config_name="megacore")
 mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2), topo.devices)
 graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: MonetForCausalLM(cfg)), nnx.Param, ...)
 place = lambda tree: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
                                   sharding.state_shardings(tree, mesh))
-ids = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=sharding.batch_sharding(mesh))
+ids = jax.ShapeDtypeStruct((8, int(t)), jnp.int32, sharding=sharding.batch_sharding(mesh))
 loss = lambda p, r, i: nnx.merge(graphdef, p, r)(i).logits.mean()
 with sharding.activate(mesh):
     text = jax.jit(jax.grad(loss)).lower(place(params), place(rest), ids).compile().as_text()

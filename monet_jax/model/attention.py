@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from monet_jax.config import MonetConfig
+from monet_jax.kernels.attention import flash_attention
 from monet_jax.model.layers import Dense, apply_rope
 from monet_jax.sharding import constrain
 
@@ -22,10 +23,15 @@ class Attention(nnx.Module):
         self.v_proj = Dense(d, self.kv_heads * hd, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Dense(self.num_heads * hd, d, axes=("heads", "embed"), **kw)
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt):
-        """``mask_btt[b, q, k]`` is True where query ``q`` may attend to key ``k``."""
+    def __call__(self, x_btd, cos_btd, sin_btd, mask):
+        """``mask``: ``[b, q, k]`` booleans, True where query ``q`` may attend to key ``k``; or ``[b, t]``
+        segment ids (:func:`monet_jax.kernels.attention.segments`) for the flash kernel, which attends
+        causally within equal ids."""
         q_btnd, k_btgd, v_btgd = self._qkv(x_btd, cos_btd, sin_btd)
-        return self._attend(q_btnd, k_btgd, v_btgd, mask_btt)
+        if mask.ndim == 2:
+            b, t = q_btnd.shape[:2]
+            return self.o_proj(flash_attention(q_btnd, k_btgd, v_btgd, mask).reshape(b, t, -1))
+        return self._attend(q_btnd, k_btgd, v_btgd, mask)
 
     def cached(self, x_btd, cos_btd, sin_btd, mask_bts, kv, index):
         """Decoding: write this step's keys/values into the cache ``kv`` (each ``[b, kv_heads, S, d]``) at

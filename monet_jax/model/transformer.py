@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from monet_jax.config import MonetConfig
+from monet_jax.kernels import attention
 from monet_jax.model.attention import Attention, attention_mask
 from monet_jax.model.experts import DenseMLP, ExpertDeletion, make_experts
 from monet_jax.model.layers import Dense, Embed, RMSNorm, rope_tables
@@ -80,7 +81,10 @@ class MonetModel(nnx.Module):
         if position_ids_bt is None:
             position_ids_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos_btd, sin_btd = rope_tables(position_ids_bt, cfg.head_size, cfg.rope_theta, x_btd.dtype)
-        mask_btt = attention_mask(attention_mask_bt, t, segment_ids_bt)
+        if attention.choose(cfg.attention_impl, t, cfg.head_size) == "flash":
+            mask_btt = attention.segments(attention_mask_bt, segment_ids_bt, b, t)  # [b, t] ids for the kernel
+        else:
+            mask_btt = attention_mask(attention_mask_bt, t, segment_ids_bt)
         groups = self.routing_groups()
         if cfg.scan_groups and len(groups) > 1:
             x_btd, all_probs = _scan_groups(groups, x_btd, cos_btd, sin_btd, mask_btt, cfg.remat)

@@ -1,0 +1,128 @@
+"""Causal self-attention through the TPU flash-attention kernel of JAX (``pallas.ops.tpu``), beside its
+pure-jnp reference.
+
+The XLA attention materializes the ``[b, heads, t, t]`` float32 scores and their gradient: at 2048
+tokens that is 3 GiB per 8 rows and 24 heads, several times over in a layer's backward, which is what
+kept Monet-VD 4.1B over a v4 chip's 32 GiB. The kernel keeps each block of scores in VMEM (online
+softmax), skips the blocks above the diagonal and returns only the output and per-row statistics.
+Documents packed into one row and padding are expressed as segment ids: a query sees the earlier
+keys of its own segment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from monet_jax.kernels import dispatch
+
+LANES = 128  # the kernel's blocks are multiples of 128 tokens; head sizes over 128 must be too
+
+
+def supported(t: int, head_dim: int) -> bool:
+    """Whether the kernel takes ``t`` tokens of ``head_dim`` (otherwise the XLA attention runs)."""
+    return t % LANES == 0 and (head_dim <= LANES or head_dim % LANES == 0)
+
+
+def segments(attention_mask_bt, segment_ids_bt, b: int, t: int):
+    """One int32 id per token such that "same id, key not after query" is the model's attention mask
+    for every real (non-padding) query: ids of packed documents shifted by one, 0 for padding keys."""
+    seg = jnp.ones((b, t), jnp.int32) if segment_ids_bt is None else segment_ids_bt.astype(jnp.int32) + 1
+    if attention_mask_bt is not None:
+        seg = jnp.where(attention_mask_bt.astype(bool), seg, 0)
+    return seg
+
+
+def attention_reference(q_btnd, k_btgd, v_btgd, segments_bt):
+    """Softmax attention in float32 (scores and probabilities), ``n`` query heads over ``g`` KV heads."""
+    b, t, n, d = q_btnd.shape
+    k_btnd = jnp.repeat(k_btgd, n // k_btgd.shape[2], axis=2).astype(jnp.float32)
+    v_btnd = jnp.repeat(v_btgd, n // v_btgd.shape[2], axis=2).astype(jnp.float32)
+    s = jnp.einsum("bqnd,bknd->bnqk", q_btnd.astype(jnp.float32), k_btnd) / jnp.sqrt(jnp.float32(d))
+    mask = (segments_bt[:, :, None] == segments_bt[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+    return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v_btnd).astype(q_btnd.dtype)
+
+
+def _block(t: int) -> int:
+    return next(blk for blk in (512, 256, 128) if t % blk == 0)
+
+
+def _flash_bnsd(q, k, v, seg):
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    blk = _block(q.shape[2])
+    sizes = fa.BlockSizes(block_q=blk, block_k_major=blk, block_k=blk, block_b=1,
+                          block_q_major_dkv=blk, block_k_major_dkv=blk, block_k_dkv=blk, block_q_dkv=blk,
+                          block_k_major_dq=blk, block_k_dq=blk, block_q_dq=blk)
+    return fa.flash_attention(q, k, v, segment_ids=fa.SegmentIds(q=seg, kv=seg), causal=True,
+                              sm_scale=float(q.shape[-1]) ** -0.5, block_sizes=sizes)
+
+
+@jax.custom_vjp
+def _interpreted(q, k, v, seg):
+    """``_flash_bnsd`` with its forward and backward kernels traced in TPU interpret mode (the kernel's
+    own backward is traced when the gradient is, outside any context around the forward call)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    with pltpu.force_tpu_interpret_mode():
+        return _flash_bnsd(q, k, v, seg)
+
+
+def _interpreted_fwd(q, k, v, seg):
+    from jax.experimental.pallas import tpu as pltpu
+
+    with pltpu.force_tpu_interpret_mode():
+        o, pullback = jax.vjp(lambda q, k, v: _flash_bnsd(q, k, v, seg), q, k, v)
+    return o, (pullback, seg)
+
+
+def _interpreted_bwd(res, do):
+    from jax.experimental.pallas import tpu as pltpu
+
+    pullback, seg = res
+    with pltpu.force_tpu_interpret_mode():
+        dq, dk, dv = pullback(do)
+    return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
+
+
+_interpreted.defvjp(_interpreted_fwd, _interpreted_bwd)
+
+
+def flash_attention(q_btnd, k_btgd, v_btgd, segments_bt):
+    """``attention_reference`` through the kernel (per batch shard under an active mesh); the output is
+    ``[b, t, n, d]`` in the inputs' dtype. KV heads are repeated to the query heads (the kernel has no
+    grouped-query form)."""
+    n = q_btnd.shape[2]
+    k_btnd = jnp.repeat(k_btgd, n // k_btgd.shape[2], axis=2)
+    v_btnd = jnp.repeat(v_btgd, n // v_btgd.shape[2], axis=2)
+
+    def run(q, k, v, seg):
+        kernel = _interpreted if dispatch.interpret_mode() else _flash_bnsd
+        o = kernel(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), seg)
+        return o.swapaxes(1, 2)
+
+    return dispatch.partitioned(run, (True,) * 4, (True,))(q_btnd, k_btnd, v_btnd, segments_bt)
+
+
+def choose(requested: str, t: int, head_dim: int) -> str:
+    """Resolve ``attention_impl`` for ``t`` tokens to ``flash`` or ``xla``: ``auto`` takes the kernel on
+    TPU where its blocks tile the tokens; ``flash`` also in interpret mode (tests), else warns once and
+    runs XLA."""
+    if requested == "xla":
+        return "xla"
+    if requested not in ("flash", "auto"):
+        raise ValueError(f"unknown attention_impl {requested!r}")
+    if not supported(t, head_dim):
+        if requested == "flash":
+            dispatch.warn_once(f"attention_impl=flash: {t} tokens of head size {head_dim} do not tile the "
+                               f"kernel's {LANES}-token blocks; using the XLA attention")
+        return "xla"
+    if dispatch.target_platform() == "tpu" or (requested == "flash" and dispatch.interpret_mode()):
+        return "flash"
+    if requested == "flash":
+        dispatch.warn_once(f"attention_impl=flash: the kernel lowers for TPU only, not "
+                           f"{dispatch.target_platform()} (set {dispatch.INTERPRET_ENV}=1 to interpret); "
+                           "using the XLA attention")
+    return "xla"
