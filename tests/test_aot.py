@@ -63,6 +63,22 @@ ENTRY %main (x: f32[8,128]) -> f32[8,128] {
     assert hlo_bytes.kernel_bytes(ops) == 8192
     assert "tpu_custom_call" in hlo_bytes.table(ops)
 
+    # Flash attention over 1024 tokens in 512-token blocks: key block j is fetched by the query blocks
+    # j..1 (3 block fetches for 2 blocks), so k and v are charged 1.5 times, q once.
+    a = "f32[1,1,1024,128]{3,2,1,0:T(8,128)}"
+    meta = 'metadata={op_name="jit(f)/shard_map/jit(flash_attention)/pallas_call"}'
+    text = f"""HloModule m
+
+ENTRY %main (q: f32[1,1,1024,128], k: f32[1,1,1024,128], v: f32[1,1,1024,128]) -> f32[1,1,1024,128] {{
+  %q = {a} parameter(0)
+  %k = {a} parameter(1)
+  %v = {a} parameter(2)
+  ROOT %o = {a} custom-call(%q, %k, %v), custom_call_target="tpu_custom_call", {meta}
+}}
+"""
+    one = 1024 * 128 * 4
+    assert hlo_bytes.kernel_bytes(hlo_bytes.instruction_bytes(text)) == 2 * one + 2 * 1.5 * one
+
 
 def test_per_core_devices_and_bad_topologies(tmp_path):
     proc, r = aot(tmp_path, "--topology", "v4:2x2x1", "--per-core")

@@ -141,6 +141,8 @@ def test_choice_and_logged_fallback(caplog):
     assert not attention.supported(256, 192) and attention.supported(256, 256)
     with pytest.raises(ConfigError, match="attention_impl must be one of"):
         MonetConfig(attention_impl="splash")
+    cfg = MonetConfig.from_hf_dict(tiny_config(), attention_impl="xla")  # a policy field, never in config.json
+    assert cfg.attention_impl == "xla" and "attention_impl" not in cfg.to_hf_dict()
 
 
 @pytest.mark.slow

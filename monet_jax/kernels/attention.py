@@ -45,14 +45,23 @@ def attention_reference(q_btnd, k_btgd, v_btgd, segments_bt):
     return jnp.einsum("bnqk,bknd->bqnd", jax.nn.softmax(s, axis=-1), v_btnd).astype(q_btnd.dtype)
 
 
-def _block(t: int) -> int:
-    return next(blk for blk in (512, 256, 128) if t % blk == 0)
+def block(t: int) -> int:
+    """Query and key tokens per kernel block for rows of ``t`` tokens."""
+    return next((blk for blk in (512, 256, 128) if t % blk == 0), t)
+
+
+def reread_factor(t: int) -> float:
+    """How many times the causal kernels fetch each block of the operands they stream along the inner
+    grid axis (keys and values for the forward and dQ, queries and output gradients for dK/dV): query
+    block i visits key blocks 0..i, so n blocks are fetched n (n + 1) / 2 times."""
+    n = t // block(t)
+    return (n + 1) / 2
 
 
 def _flash_bnsd(q, k, v, seg):
     from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
-    blk = _block(q.shape[2])
+    blk = block(q.shape[2])
     sizes = fa.BlockSizes(block_q=blk, block_k_major=blk, block_k=blk, block_b=1,
                           block_q_major_dkv=blk, block_k_major_dkv=blk, block_k_dkv=blk, block_q_dkv=blk,
                           block_k_major_dq=blk, block_k_dq=blk, block_q_dq=blk)

@@ -5,7 +5,8 @@ without a cost estimate (a Pallas kernel is opaque to it). This module sizes eve
 instruction (fusions, matmuls, copies, collectives, custom calls) as its operand bytes plus its result
 bytes, with the TPU tile padding of each shape's layout (``{1,0:T(8,128)(2,1)}`` pads the two minor
 dimensions to 8 x 128), so kernels can be charged for the traffic they really cause and the largest
-movers can be listed by shape.
+movers can be listed by shape. A kernel reads each operand once, except the flash-attention kernels,
+which fetch their streamed operands once per visited block and are charged for it.
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def instruction_bytes(hlo_text: str) -> list[OpBytes]:
         source = re.sub(r"jit\([^)]*\)/|jvp\(|transpose\(|\)", "", src.group(1))[-70:] if src else ""
         in_shapes = [shapes.get(o, "") for o in ins.operands]
         total = shape_bytes(ins.shape) + sum(shape_bytes(s) for s in in_shapes)
+        if src and kind.removeprefix("custom-call:") in KERNEL_TARGETS and "flash_attention" in src.group(1):
+            total += _flash_rereads(src.group(1), in_shapes)
         out.append(OpBytes(ins.name, kind, source, _short_shape(ins.shape), [_short_shape(s) for s in in_shapes],
                            total))
     return out
@@ -157,8 +160,25 @@ def instruction_bytes(hlo_text: str) -> list[OpBytes]:
 KERNEL_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton", "mosaic_gpu")
 
 
+# Operands of JAX's TPU flash-attention kernels (q, k, v, q and kv segment ids, then for the backward l, m,
+# dO, di) that are streamed along the inner grid axis, so fetched once per visited block, not once.
+_FLASH_STREAMED = {"bwd_dkv": (0, 5, 6, 7, 8), "bwd_dq": (1, 2), "forward": (1, 2)}
+
+
+def _flash_rereads(op_name: str, in_shapes: list[str]) -> float:
+    """Bytes a flash-attention call reads beyond its operands once (see ``attention.reread_factor``)."""
+    from monet_jax.kernels.attention import reread_factor
+
+    kernel = next((k for k in ("bwd_dkv", "bwd_dq") if k in op_name), "forward")
+    dims = _ARRAY.search(in_shapes[0]) if in_shapes else None
+    if dims is None or len(dims.group(2).split(",")) != 4:
+        return 0.0
+    extra = reread_factor(int(dims.group(2).split(",")[2])) - 1
+    return extra * sum(shape_bytes(in_shapes[i]) for i in _FLASH_STREAMED[kernel] if i < len(in_shapes))
+
+
 def kernel_bytes(ops: list[OpBytes]) -> float:
-    """Operand + result bytes of every Pallas kernel call."""
+    """Operand + result bytes of every Pallas kernel call (flash attention: with its block re-reads)."""
     return sum(o.bytes for o in ops if o.kind.removeprefix("custom-call:") in KERNEL_TARGETS)
 
 
