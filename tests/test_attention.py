@@ -58,11 +58,11 @@ def inputs(b, t, n, g, d, dtype=jnp.float32, seed=0):
     return q, k, v, seg, am
 
 
-@pytest.mark.parametrize("b,t,n,g,d", [pytest.param(2, 256, 4, 2, 64, marks=pytest.mark.slow), (1, 384, 2, 2, 128),
-                                       (2, 128, 3, 1, 32)])
+@pytest.mark.parametrize("b,t,n,g,d", [(1, 384, 3, 1, 32), pytest.param(2, 256, 4, 2, 64, marks=pytest.mark.slow),
+                                       pytest.param(2, 384, 2, 2, 128, marks=pytest.mark.slow)])
 def test_flash_matches_softmax_attention(b, t, n, g, d):
     """Outputs and gradients of every real query agree in float32 (384 tokens: three 128-token blocks,
-    not a multiple of the 512-token block; grouped-query heads repeated for the kernel)."""
+    so blocks below, on and above the diagonal; grouped-query heads repeated for the kernel)."""
     q, k, v, seg, am = inputs(b, t, n, g, d)
     mask = mask_of(am, seg, t)
     ids = attention.segments(jnp.asarray(am), jnp.asarray(seg), b, t)
@@ -101,7 +101,7 @@ def test_flash_bfloat16():
     assert err < 2e-2 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+@pytest.mark.parametrize("dec", ["vertical", pytest.param("horizontal", marks=pytest.mark.slow)])
 def test_model_flash_equals_xla_attention(dec):
     """The whole model with packed documents and padding: logits of real tokens and every parameter
     gradient agree between attention_impl=flash and xla."""
@@ -112,7 +112,7 @@ def test_model_flash_equals_xla_attention(dec):
     real = jnp.asarray(am, jnp.float32)[:, :, None]
     results = []
     for impl in ("xla", "flash"):
-        cfg = MonetConfig.from_hf_dict(tiny_config(num_hidden_layers=2, max_position_embeddings=256,
+        cfg = MonetConfig.from_hf_dict(tiny_config(num_hidden_layers=1, moe_groups=1, max_position_embeddings=128,
                                                    moe_decompose=dec), attention_impl=impl)
         model = MonetForCausalLM(cfg, rngs=nnx.Rngs(0))
 
@@ -169,7 +169,7 @@ def test_flash_under_a_mesh():
     ids = np.random.default_rng(1).integers(0, 96, (4, 128)).astype(np.int32)
     outs = []
     for impl in ("xla", "flash"):
-        cfg = MonetConfig.from_hf_dict(tiny_config(num_hidden_layers=2, max_position_embeddings=128),
+        cfg = MonetConfig.from_hf_dict(tiny_config(num_hidden_layers=1, moe_groups=1, max_position_embeddings=128),
                                        attention_impl=impl)
         model = MonetForCausalLM(cfg, rngs=nnx.Rngs(0))
         with sharding.activate(mesh):
