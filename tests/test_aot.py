@@ -79,6 +79,19 @@ ENTRY %main (q: f32[1,1,1024,128], k: f32[1,1,1024,128], v: f32[1,1,1024,128]) -
     one = 1024 * 128 * 4
     assert hlo_bytes.kernel_bytes(hlo_bytes.instruction_bytes(text)) == 2 * one + 2 * 1.5 * one
 
+    # An async slice of a quarter of the rows moves that quarter twice (read + write), an async copy its
+    # operand twice, whatever their result tuples repeat.
+    text = """HloModule m
+
+ENTRY %main (x: f32[8,1024]) -> f32[2,1024] {
+  %x = f32[8,1024]{1,0:T(8,128)} parameter(0)
+  %s = (f32[8,1024]{1,0:T(8,128)}, f32[2,1024]{1,0:T(2,128)}, s32[]) slice-start(%x), slice={[0:2], [0:1024]}
+  %c = (f32[8,1024]{1,0:T(8,128)}, f32[8,1024]{1,0:T(8,128)}, u32[]) copy-start(%x)
+  ROOT %d = f32[2,1024]{1,0:T(2,128)} slice-done(%s)
+}
+"""
+    assert [o.bytes for o in hlo_bytes.instruction_bytes(text)] == [2 * 2 * 1024 * 4, 2 * 8 * 1024 * 4]
+
 
 def test_per_core_devices_and_bad_topologies(tmp_path):
     proc, r = aot(tmp_path, "--topology", "v4:2x2x1", "--per-core")

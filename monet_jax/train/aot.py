@@ -133,11 +133,14 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False, cost: bo
     peak = (M.peak_flops(devices[0]) or float("nan")) / share
     flops, compiler_bytes = float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan")))
     nbytes = compiler_bytes + kernel_bytes
-    # The compiler's own estimate when it gives one; otherwise a roofline of its FLOP and byte counts.
+    # The compiler's own estimate when it gives one; otherwise a roofline of the byte count and of the
+    # FLOPs, the compiler's or, where larger, the model's own count per device (the compiler counts none
+    # inside a kernel, e.g. flash attention's, and undercounts at scale: see BENCHMARKS.md).
     seconds = float(cost.get("optimal_seconds", float("nan")))
     estimate = "compiler"
     if not seconds > 0:
-        seconds, estimate = max(flops / peak, nbytes / (HBM_BYTES_PER_S[gen] / share)), "roofline"
+        work = max(flops, model_flops / len(devices))
+        seconds, estimate = max(work / peak, nbytes / (HBM_BYTES_PER_S[gen] / share)), "roofline"
     return result | {
         "cost_pieces_per_step": accum * pieces,
         "compiler_flops_per_device": flops, "compiler_bytes_per_device": compiler_bytes,
@@ -180,7 +183,8 @@ def _report(r: dict) -> str:
         f"operand/result bytes of Pallas kernels)",
         f"estimated step time {r['estimated_step_seconds']:.3f}s ("
         + ("the compiler's estimate" if r["step_time_estimate"] == "compiler" else
-           f"roofline of the counts above; the compiler's optimal_seconds was {r['compiler_optimal_seconds']:.4g}")
+           f"roofline of the bytes and of the larger of the compiler's and the model's FLOPs; the compiler's "
+           f"optimal_seconds was {r['compiler_optimal_seconds']:.4g}")
         + f"); model FLOPs per step {r['model_flops_per_step']:.4g}"
         + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
         "where the bytes go (per device and step, top-level HLO instructions of the same kind and shapes, "

@@ -148,6 +148,11 @@ def instruction_bytes(hlo_text: str) -> list[OpBytes]:
         source = re.sub(r"jit\([^)]*\)/|jvp\(|transpose\(|\)", "", src.group(1))[-70:] if src else ""
         in_shapes = [shapes.get(o, "") for o in ins.operands]
         total = shape_bytes(ins.shape) + sum(shape_bytes(s) for s in in_shapes)
+        if ins.opcode in ("slice", "dynamic-slice", "slice-start", "copy-start"):
+            # A slice reads only what it writes; an async start's result tuple repeats its operand.
+            arrays = [array_bytes(*m.groups()) for m in _ARRAY.finditer(ins.shape)]
+            written = arrays[1] if ins.opcode.endswith("-start") and len(arrays) > 1 else arrays[0]
+            total = 2 * written
         if src and kind.removeprefix("custom-call:") in KERNEL_TARGETS and "flash_attention" in src.group(1):
             total += _flash_rereads(src.group(1), in_shapes)
         out.append(OpBytes(ins.name, kind, source, _short_shape(ins.shape), [_short_shape(s) for s in in_shapes],
