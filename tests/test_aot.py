@@ -36,6 +36,8 @@ def test_tiny_train_step_compiles_for_a_v4_slice(tmp_path):
     assert "memory per device" in proc.stdout and "implied MFU" in proc.stdout
     assert r["kernel_bytes_per_device"] > 0
     assert r["bytes_per_device"] == r["compiler_bytes_per_device"] + r["kernel_bytes_per_device"]
+    assert r["table_hbm_bytes_per_device"] > 0 and r["table_other_space_bytes_per_device"] >= 0
+    assert "in other memory spaces" in proc.stdout
     assert "where the bytes go" in proc.stdout and "tpu_custom_call" in proc.stdout
 
 
@@ -91,6 +93,9 @@ ENTRY %main (x: f32[8,1024]) -> f32[2,1024] {
 }
 """
     assert [o.bytes for o in hlo_bytes.instruction_bytes(text)] == [2 * 2 * 1024 * 4, 2 * 8 * 1024 * 4]
+    # The same slice into another memory space (S(3)): half its traffic (the write) is not HBM's.
+    staged = text.replace("f32[2,1024]{1,0:T(2,128)}, s32[]", "f32[2,1024]{1,0:T(2,128)S(3)}, s32[]")
+    assert [o.other_space for o in hlo_bytes.instruction_bytes(staged)] == [2 * 1024 * 4, 0]
 
 
 def test_per_core_devices_and_bad_topologies(tmp_path):

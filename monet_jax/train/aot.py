@@ -146,6 +146,10 @@ def compile_for_topology(cfg, topology: str, *, per_core: bool = False, cost: bo
         "compiler_flops_per_device": flops, "compiler_bytes_per_device": compiler_bytes,
         "kernel_bytes_per_device": kernel_bytes, "bytes_per_device": nbytes,
         "bytes_table": hlo_bytes.table(ops, top=15, scale=accum * pieces),
+        # The table's own sum, split by memory space: the compiler's count does not say which of its
+        # bytes are HBM traffic and which are staged on chip (prefetches into and reads from it).
+        "table_hbm_bytes_per_device": sum(o.bytes - o.other_space for o in ops) * accum * pieces,
+        "table_other_space_bytes_per_device": sum(o.other_space for o in ops) * accum * pieces,
         "compiler_optimal_seconds": float(cost.get("optimal_seconds", float("nan"))),
         "estimated_step_seconds": seconds, "step_time_estimate": estimate,
         "model_flops_per_step": model_flops,
@@ -187,6 +191,8 @@ def _report(r: dict) -> str:
            f"optimal_seconds was {r['compiler_optimal_seconds']:.4g}")
         + f"); model FLOPs per step {r['model_flops_per_step']:.4g}"
         + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
+        f"the table's own sum: {r['table_hbm_bytes_per_device']:.4g} bytes in HBM + "
+        f"{r['table_other_space_bytes_per_device']:.4g} in other memory spaces (buffers the compiler stages on chip)",
         "where the bytes go (per device and step, top-level HLO instructions of the same kind and shapes, "
         "operand + result bytes with tile padding; the compiler's own count may differ per instruction):",
         r["bytes_table"],

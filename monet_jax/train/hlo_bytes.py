@@ -48,6 +48,17 @@ def shape_bytes(shape: str) -> float:
     return sum(array_bytes(*m.groups()) for m in _ARRAY.finditer(shape))
 
 
+def _space(layout: str | None) -> int:
+    """The memory space of a layout (``S(3)``): 0, the default, is HBM; others are on-chip memories the
+    compiler stages buffers in (on TPU v4, ``S(3)`` buffers live in a 128 MiB space beside HBM)."""
+    m = re.search(r"S\((\d+)\)", layout or "")
+    return int(m.group(1)) if m else 0
+
+
+def _other_space_bytes(shape: str) -> float:
+    return sum(array_bytes(*m.groups()) for m in _ARRAY.finditer(shape) if _space(m.group(3)))
+
+
 def _split_shape(rest: str) -> tuple[str, str]:
     """``"(f32[2]{0}, s32[]) opcode(...)..."`` -> (shape, remainder)."""
     if rest.startswith("("):
@@ -125,6 +136,7 @@ class OpBytes:
     out_shape: str
     in_shapes: list[str]
     bytes: float
+    other_space: float = 0.0  # of ``bytes``, those in a memory space other than HBM
 
 
 def _short_shape(shape: str) -> str:
@@ -148,15 +160,18 @@ def instruction_bytes(hlo_text: str) -> list[OpBytes]:
         source = re.sub(r"jit\([^)]*\)/|jvp\(|transpose\(|\)", "", src.group(1))[-70:] if src else ""
         in_shapes = [shapes.get(o, "") for o in ins.operands]
         total = shape_bytes(ins.shape) + sum(shape_bytes(s) for s in in_shapes)
+        other = _other_space_bytes(ins.shape) + sum(_other_space_bytes(s) for s in in_shapes)
         if ins.opcode in ("slice", "dynamic-slice", "slice-start", "copy-start"):
             # A slice reads only what it writes; an async start's result tuple repeats its operand.
-            arrays = [array_bytes(*m.groups()) for m in _ARRAY.finditer(ins.shape)]
+            arrays = [m.groups() for m in _ARRAY.finditer(ins.shape)]
             written = arrays[1] if ins.opcode.endswith("-start") and len(arrays) > 1 else arrays[0]
-            total = 2 * written
+            sources = [_space(m.group(3)) for s in in_shapes for m in _ARRAY.finditer(s)]
+            total = 2 * array_bytes(*written)
+            other = array_bytes(*written) * ((_space(written[2]) > 0) + (bool(sources) and sources[0] > 0))
         if src and kind.removeprefix("custom-call:") in KERNEL_TARGETS and "flash_attention" in src.group(1):
             total += _flash_rereads(src.group(1), in_shapes)
         out.append(OpBytes(ins.name, kind, source, _short_shape(ins.shape), [_short_shape(s) for s in in_shapes],
-                           total))
+                           total, other))
     return out
 
 
