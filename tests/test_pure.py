@@ -58,10 +58,9 @@ def test_perplexity_without_data_scores_the_held_out_documents(tmp_path, capsys)
 
 
 def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
-    """On an x86 CPU, forward passes over many tokens of a vertical model compile each matrix product as a
-    oneDNN call (``ONEDNN_DOTS``), calls of few tokens (decoding steps) as Eigen's (``EIGEN_DOTS``: no YNNPACK
-    fusion), horizontal models' long forwards as XLA's default; ``MONET_JAX_CPU_DOT`` forces one. All give
-    the same logits."""
+    """On an x86 CPU, forward passes over many tokens compile each matrix product as a oneDNN call
+    (``ONEDNN_DOTS``), calls of few tokens (decoding steps) as Eigen's (``EIGEN_DOTS``: no YNNPACK fusion);
+    ``MONET_JAX_CPU_DOT`` forces one. All give the same logits."""
     import platform
 
     import jax
@@ -71,15 +70,14 @@ def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("oneDNN products are used on x86 CPUs only")
-    assert cpu_compiler_options(None, "vertical") == ONEDNN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS, "none")
-    assert cpu_compiler_options(8, "vertical") == EIGEN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS - 1, "horizontal")
-    assert cpu_compiler_options(None, "horizontal") is None
+    assert cpu_compiler_options(None) == ONEDNN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS)
+    assert cpu_compiler_options(8) == EIGEN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS - 1)
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "onednn")
-    assert cpu_compiler_options(1, "horizontal") == ONEDNN_DOTS
+    assert cpu_compiler_options(1) == ONEDNN_DOTS
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "eigen")
-    assert cpu_compiler_options(None, "vertical") == EIGEN_DOTS
+    assert cpu_compiler_options(None) == EIGEN_DOTS
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "xla")
-    assert cpu_compiler_options(1, "vertical") is None
+    assert cpu_compiler_options(1) is None
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "fast")
     with pytest.raises(ValueError, match="MONET_JAX_CPU_DOT must be one of auto, onednn, eigen, xla, got 'fast'"):
         cpu_compiler_options()

@@ -28,26 +28,25 @@ ONEDNN_MIN_ROWS = 128
 CPU_DOTS = ("auto", "onednn", "eigen", "xla")
 
 
-def cpu_compiler_options(rows: int | None = None, decompose: str | None = None) -> dict | None:
+def cpu_compiler_options(rows: int | None = None) -> dict | None:
     """XLA options for inference on an x86 CPU: which library runs the matrix products.
 
     ``MONET_JAX_CPU_DOT``: ``auto`` (default), ``onednn``, ``eigen`` or ``xla`` (XLA's default, YNNPACK).
-    ``auto`` picks, from ``benchmarks/cpu_gemm.py`` on this model's shapes: Eigen for calls of fewer than
-    ``ONEDNN_MIN_ROWS`` tokens (``rows``; decoding steps and short prefills: ``[8, 1024] x [1024, 4096]``
-    1.7 ms against YNNPACK's 2.5 and oneDNN's 10, ``[32, 1024] x [1024, 4096]`` 3.0 against 5.5 and 5.0);
-    for forward passes over more tokens (``rows`` None: a corpus) oneDNN for dense and vertical models (VD
-    forward of 2 x 256 tokens 399 ms against 457 ms) and YNNPACK for horizontal ones, whose forward oneDNN
-    slowed (724 ms against 487 ms). Individual products only: oneDNN's fused-graph mode aborts compiling
-    this model."""
+    ``auto`` picks, from ``benchmarks/cpu_gemm.py`` and ``benchmarks/decode_vs_torch.py`` on this model's
+    shapes: Eigen for calls of fewer than ``ONEDNN_MIN_ROWS`` tokens (``rows``; decoding steps and short
+    prefills: ``[8, 1024] x [1024, 4096]`` 1.7 ms against YNNPACK's 2.5 and oneDNN's 10, ``[32, 1024] x
+    [1024, 4096]`` 3.0 against 5.5 and 5.0); oneDNN for forward passes over more tokens (``rows`` None: a
+    corpus; 2 x 256 tokens: VD 399 ms against YNNPACK's 457, HD 409 against 454). XLA takes one choice per
+    compiled program, so no product gets its best library everywhere (the HD mixing's batched
+    ``[8, 512] x [512, 16]`` products take 3 ms in Eigen and 27 in oneDNN). Individual products only:
+    oneDNN's fused-graph mode aborts compiling this model."""
     mode = os.environ.get("MONET_JAX_CPU_DOT", "auto")
     if mode not in CPU_DOTS:
         raise ValueError(f"MONET_JAX_CPU_DOT must be one of {', '.join(CPU_DOTS)}, got {mode!r}")
     if mode == "xla" or jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     if mode == "auto":
-        if rows is not None and rows < ONEDNN_MIN_ROWS:
-            return EIGEN_DOTS
-        return None if decompose == "horizontal" else ONEDNN_DOTS
+        return EIGEN_DOTS if rows is not None and rows < ONEDNN_MIN_ROWS else ONEDNN_DOTS
     return EIGEN_DOTS if mode == "eigen" else ONEDNN_DOTS
 
 
@@ -95,7 +94,7 @@ class PureModel:
         """``fn(model, *args)`` compiled as a function of the state: returns ``call(*args)``. Argument
         numbers count ``args`` (the model excluded); ``rows``: tokens per call where it is small (decoding;
         it picks the CPU's matmul, :func:`cpu_compiler_options`)."""
-        options = cpu_compiler_options(rows, getattr(self.config, "moe_decompose", None))
+        options = cpu_compiler_options(rows)
         key = (fn, self.graphdef, self.treedef, static_argnums, donate_argnums, str(options))
         compiled = _COMPILED.get(key)
         if compiled is None:
