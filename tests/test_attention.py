@@ -101,7 +101,8 @@ def test_flash_bfloat16():
     assert err < 2e-2 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("dec", ["vertical", pytest.param("horizontal", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
 def test_model_flash_equals_xla_attention(dec):
     """The whole model with packed documents and padding: logits of real tokens and every parameter
     gradient agree between attention_impl=flash and xla."""
