@@ -34,11 +34,15 @@ def segments(attention_mask_bt, segment_ids_bt, b: int, t: int):
     return seg
 
 
+def _per_query_head(kv_btgd, n: int):
+    """KV heads repeated to ``n`` query heads: query head ``i`` reads KV head ``i // (n / g)``."""
+    return jnp.repeat(kv_btgd, n // kv_btgd.shape[2], axis=2)
+
+
 def attention_reference(q_btnd, k_btgd, v_btgd, segments_bt):
     """Softmax attention in float32 (scores and probabilities), ``n`` query heads over ``g`` KV heads."""
     b, t, n, d = q_btnd.shape
-    k_btnd = jnp.repeat(k_btgd, n // k_btgd.shape[2], axis=2).astype(jnp.float32)
-    v_btnd = jnp.repeat(v_btgd, n // v_btgd.shape[2], axis=2).astype(jnp.float32)
+    k_btnd, v_btnd = (_per_query_head(a, n).astype(jnp.float32) for a in (k_btgd, v_btgd))
     s = jnp.einsum("bqnd,bknd->bnqk", q_btnd.astype(jnp.float32), k_btnd) / jnp.sqrt(jnp.float32(d))
     mask = (segments_bt[:, :, None] == segments_bt[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))
     s = jnp.where(mask[:, None], s, -jnp.inf)
@@ -69,29 +73,29 @@ def _flash_bnsd(q, k, v, seg):
                               sm_scale=float(q.shape[-1]) ** -0.5, block_sizes=sizes)
 
 
+def _interpret():
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.force_tpu_interpret_mode()
+
+
 @jax.custom_vjp
 def _interpreted(q, k, v, seg):
     """``_flash_bnsd`` with its forward and backward kernels traced in TPU interpret mode (the kernel's
     own backward is traced when the gradient is, outside any context around the forward call)."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    with pltpu.force_tpu_interpret_mode():
+    with _interpret():
         return _flash_bnsd(q, k, v, seg)
 
 
 def _interpreted_fwd(q, k, v, seg):
-    from jax.experimental.pallas import tpu as pltpu
-
-    with pltpu.force_tpu_interpret_mode():
+    with _interpret():
         o, pullback = jax.vjp(lambda q, k, v: _flash_bnsd(q, k, v, seg), q, k, v)
     return o, (pullback, seg)
 
 
 def _interpreted_bwd(res, do):
-    from jax.experimental.pallas import tpu as pltpu
-
     pullback, seg = res
-    with pltpu.force_tpu_interpret_mode():
+    with _interpret():
         dq, dk, dv = pullback(do)
     return dq, dk, dv, np.zeros(seg.shape, jax.dtypes.float0)
 
@@ -104,8 +108,7 @@ def flash_attention(q_btnd, k_btgd, v_btgd, segments_bt):
     ``[b, t, n, d]`` in the inputs' dtype. KV heads are repeated to the query heads (the kernel has no
     grouped-query form)."""
     n = q_btnd.shape[2]
-    k_btnd = jnp.repeat(k_btgd, n // k_btgd.shape[2], axis=2)
-    v_btnd = jnp.repeat(v_btgd, n // v_btgd.shape[2], axis=2)
+    k_btnd, v_btnd = _per_query_head(k_btgd, n), _per_query_head(v_btgd, n)
 
     def run(q, k, v, seg):
         kernel = _interpreted if dispatch.interpret_mode() else _flash_bnsd

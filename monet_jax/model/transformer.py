@@ -44,10 +44,10 @@ class DecoderLayer(nnx.Module):
             self.mlp = DenseMLP(cfg, **kw)
             self.router = None
 
-    def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, probs):
+    def __call__(self, x_btd, cos_btd, sin_btd, mask, probs):
         """``probs`` is the (g1, g2, sums, g1 lanes, g2 lanes) of the routing group's first layer;
         returns (x, probs)."""
-        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask_btt)
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask)
         return self._mlp(x_btd, probs)
 
     def cached(self, x_btd, cos_btd, sin_btd, mask_bts, probs, kv, index):
@@ -81,20 +81,21 @@ class MonetModel(nnx.Module):
         if position_ids_bt is None:
             position_ids_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos_btd, sin_btd = rope_tables(position_ids_bt, cfg.head_size, cfg.rope_theta, x_btd.dtype)
+        # [b, t] segment ids for the flash kernel, else the [b, t, t] boolean mask (see Attention.__call__)
         if attention.choose(cfg.attention_impl, t, cfg.head_size) == "flash":
-            mask_btt = attention.segments(attention_mask_bt, segment_ids_bt, b, t)  # [b, t] ids for the kernel
+            mask = attention.segments(attention_mask_bt, segment_ids_bt, b, t)
         else:
-            mask_btt = attention_mask(attention_mask_bt, t, segment_ids_bt)
+            mask = attention_mask(attention_mask_bt, t, segment_ids_bt)
         groups = self.routing_groups()
         if cfg.scan_groups and len(groups) > 1:
-            x_btd, all_probs = _scan_groups(groups, x_btd, cos_btd, sin_btd, mask_btt, cfg.remat)
+            x_btd, all_probs = _scan_groups(groups, x_btd, cos_btd, sin_btd, mask, cfg.remat)
         else:
             run = partial(_run_group, remat_layers=cfg.remat == "layer")
             if cfg.remat == "group":
                 run = nnx.remat(lambda group, *a: _run_group(group, *a))
             all_probs = []
             for group in groups:
-                x_btd, probs = run(group, x_btd, cos_btd, sin_btd, mask_btt)
+                x_btd, probs = run(group, x_btd, cos_btd, sin_btd, mask)
                 all_probs.append(probs)
         return self.norm(x_btd), tuple(p for p in all_probs if p is not None)
 
@@ -119,17 +120,17 @@ class MonetModel(nnx.Module):
         return [nnx.List(self.layers[i:i + size]) for i in range(0, len(self.layers), size)]
 
 
-def _run_group(group, x_btd, cos_btd, sin_btd, mask_btt, remat_layers: bool = False):
+def _run_group(group, x_btd, cos_btd, sin_btd, mask, remat_layers: bool = False):
     """The layers of one routing group; returns the residual stream and the group's (g1, g2)."""
     call = nnx.remat(lambda layer, *a: layer(*a)) if remat_layers else (lambda layer, *a: layer(*a))
     probs = None
     for layer in group:
-        x_btd, probs = call(layer, x_btd, cos_btd, sin_btd, mask_btt, probs)
+        x_btd, probs = call(layer, x_btd, cos_btd, sin_btd, mask, probs)
         x_btd = constrain(x_btd, RESIDUAL)
     return x_btd, None if probs is None else probs[:3]  # the mixing-layout copies stay inside the group
 
 
-def _scan_groups(groups, x_btd, cos_btd, sin_btd, mask_btt, remat: str):
+def _scan_groups(groups, x_btd, cos_btd, sin_btd, mask, remat: str):
     """``lax.scan`` over routing groups so a deep model compiles one group body. Parameters keep their
     per-layer layout (and checkpoint names); they are stacked inside the step, which costs one copy of
     the weights per step and buys compile time that no longer grows with depth."""
@@ -139,7 +140,7 @@ def _scan_groups(groups, x_btd, cos_btd, sin_btd, mask_btt, remat: str):
 
     def body(x, group_state):
         group = nnx.merge(graphdef, *group_state)
-        x, probs = _run_group(group, x, cos_btd, sin_btd, mask_btt, remat == "layer")
+        x, probs = _run_group(group, x, cos_btd, sin_btd, mask, remat == "layer")
         return x, (probs, nnx.state(group, nnx.BatchStat))
 
     if remat == "group":

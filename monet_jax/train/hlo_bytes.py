@@ -159,15 +159,17 @@ def instruction_bytes(hlo_text: str) -> list[OpBytes]:
         src = re.search(r'op_name="([^"]*)"', ins.line)
         source = re.sub(r"jit\([^)]*\)/|jvp\(|transpose\(|\)", "", src.group(1))[-70:] if src else ""
         in_shapes = [shapes.get(o, "") for o in ins.operands]
-        total = shape_bytes(ins.shape) + sum(shape_bytes(s) for s in in_shapes)
-        other = _other_space_bytes(ins.shape) + sum(_other_space_bytes(s) for s in in_shapes)
         if ins.opcode in ("slice", "dynamic-slice", "slice-start", "copy-start"):
             # A slice reads only what it writes; an async start's result tuple repeats its operand.
             arrays = [m.groups() for m in _ARRAY.finditer(ins.shape)]
             written = arrays[1] if ins.opcode.endswith("-start") and len(arrays) > 1 else arrays[0]
-            sources = [_space(m.group(3)) for s in in_shapes for m in _ARRAY.finditer(s)]
-            total = 2 * array_bytes(*written)
-            other = array_bytes(*written) * ((_space(written[2]) > 0) + (bool(sources) and sources[0] > 0))
+            source = _ARRAY.search(in_shapes[0]) if in_shapes else None
+            moved = array_bytes(*written)
+            total = 2 * moved
+            other = moved * ((_space(written[2]) > 0) + (source is not None and _space(source.group(3)) > 0))
+        else:
+            total = shape_bytes(ins.shape) + sum(shape_bytes(s) for s in in_shapes)
+            other = _other_space_bytes(ins.shape) + sum(_other_space_bytes(s) for s in in_shapes)
         if src and kind.removeprefix("custom-call:") in KERNEL_TARGETS and "flash_attention" in src.group(1):
             total += _flash_rereads(src.group(1), in_shapes)
         out.append(OpBytes(ins.name, kind, source, _short_shape(ins.shape), [_short_shape(s) for s in in_shapes],
@@ -190,10 +192,11 @@ def _flash_rereads(op_name: str, in_shapes: list[str]) -> float:
     from monet_jax.kernels.attention import reread_factor
 
     kernel = next((k for k in ("bwd_dkv", "bwd_dq") if k in op_name), "forward")
-    dims = _ARRAY.search(in_shapes[0]) if in_shapes else None
-    if dims is None or len(dims.group(2).split(",")) != 4:
+    q = _ARRAY.search(in_shapes[0]) if in_shapes else None
+    dims = q.group(2).split(",") if q else []
+    if len(dims) != 4:  # q is [b, heads, t, d]
         return 0.0
-    extra = reread_factor(int(dims.group(2).split(",")[2])) - 1
+    extra = reread_factor(int(dims[2])) - 1
     return extra * sum(shape_bytes(in_shapes[i]) for i in _FLASH_STREAMED[kernel] if i < len(in_shapes))
 
 
