@@ -27,15 +27,25 @@ def write_jsonl(path, rows):
     return path
 
 
-def reference_loglikelihood(model, tokenizer, context: str, continuation: str, max_len: int = 10**9) -> float:
-    """One unpadded sequence, one forward pass, log-softmax summed in NumPy over the continuation."""
-    cont = [int(t) for t in tokenizer.encode(continuation)]
-    ids = ([tokenizer.bos_id, *map(int, tokenizer.encode(context))] + cont)[-(max_len + 1):]
-    logits = np.asarray(model(np.array([ids[:-1]], np.int32)).logits, np.float64)[0]
+def reference_loglikelihoods(model, tokenizer, requests, max_len: int = 10**9) -> list[float]:
+    """Each sequence unbatched from the scorer's view: its tokens from position 0, nothing but later filler
+    after it (a causal model's logits at a position never see later ones), so one forward pass serves all;
+    log-softmax summed in NumPy over each continuation."""
+    seqs, conts = [], []
+    for context, continuation in requests:
+        cont = [int(t) for t in tokenizer.encode(continuation)]
+        seqs.append(([tokenizer.bos_id, *map(int, tokenizer.encode(context))] + cont)[-(max_len + 1):])
+        conts.append(cont)
+    width = max(len(ids) for ids in seqs) - 1
+    rows = np.array([ids[:-1] + [0] * (width - len(ids) + 1) for ids in seqs], np.int32)
+    logits = np.asarray(model(rows).logits, np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    start = len(ids) - len(cont)
-    return float(sum(logp[start - 1 + k, t] for k, t in enumerate(cont)))
+    out = []
+    for row, ids, cont in zip(logp, seqs, conts, strict=True):
+        start = len(ids) - len(cont)
+        out.append(float(sum(row[start - 1 + k, t] for k, t in enumerate(cont))))
+    return out
 
 
 def test_batched_loglikelihoods_equal_one_sequence_at_a_time():
@@ -44,13 +54,13 @@ def test_batched_loglikelihoods_equal_one_sequence_at_a_time():
     tok = load_tokenizer("byte")
     requests = [("Question: what is two plus two?\nAnswer:", " four"), ("a", "b"), ("", "just a continuation"),
                 ("x" * 40, " y"), ("The end", ".")]
+    # One reference pass for all: every request but the last is shorter than 64 tokens, so only the last is cut.
+    want = reference_loglikelihoods(model, tok, [*requests, ("z" * 600, " end")], max_len=64)
     got = tasks.loglikelihoods(model, tok, requests, batch_size=2, progress=False)
-    want = [reference_loglikelihood(model, tok, c, x) for c, x in requests]
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, want[:-1], rtol=1e-5, atol=1e-4)
     # Contexts longer than the model's positions are cut from the left.
     long = tasks.loglikelihoods(model, tok, [("z" * 600, " end")], batch_size=1, max_len=64, progress=False)
-    np.testing.assert_allclose(long, [reference_loglikelihood(model, tok, "z" * 600, " end", max_len=64)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(long, want[-1:], rtol=1e-5)
 
 
 def test_shots_are_the_other_examples_with_their_answers():
