@@ -26,7 +26,7 @@ from monet_jax.kernels.reference import (
     vd_mix_reference,
 )
 from monet_jax.kernels.router import fused_router
-from monet_jax.model.router import aux_losses, router_aux
+from monet_jax.model.router import aux_losses, project_lanes, router_aux
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +129,28 @@ def test_router_gradient_reaches_only_the_logits():
     check_vjp(lambda z: router(z, mean, var), ref_with_stats, (z,))
     _, vjp = jax.vjp(lambda m, v: router(z, m, v), mean, var)
     assert all(not np.asarray(c).any() for c in vjp((jnp.ones(z.shape), jnp.ones((3, 20)), jnp.ones(3))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_router_projection_writes_the_mixing_layout(dtype):
+    """``project_lanes`` (a product batched over rows with ``w`` broadcast) is ``x @ w`` reshaped to
+    ``[b, t, H, E]`` and moved to ``[b, H, E, t]``, written here from NumPy in float64 on the same
+    ``dtype``-rounded inputs; so are its gradients in ``x`` and ``w`` (float32 accumulation: 1e-5 in float32;
+    the bfloat16 gradients are rounded once, as the plain product's are)."""
+    b, t, d, h, e = 3, 37, 24, 2, 20
+    x = jax.random.normal(jax.random.key(0), (b, t, d)).astype(dtype)
+    w = jax.random.normal(jax.random.key(1), (d, h * e)) * 0.3
+    ct = jax.random.normal(jax.random.key(2), (b, h, e, t))
+    z, vjp = jax.vjp(lambda x, w: project_lanes(x, w, h, dtype), x, w)
+    dx, dw = vjp(ct)
+    xs, ws, cts = (np.asarray(a, np.float64) for a in (x, w.astype(dtype), ct))
+    want = (xs @ ws).reshape(b, t, h, e).transpose(0, 2, 3, 1)
+    ct_btk = cts.transpose(0, 3, 1, 2).reshape(b, t, h * e)
+    assert z.dtype == jnp.float32 and z.shape == (b, h, e, t)
+    tol = 1e-5 if dtype == jnp.float32 else BF16_TOL
+    close(z, want, 1e-5)  # float32 accumulation of exact products either way
+    close(dx, ct_btk @ ws.T, tol)
+    close(dw, np.einsum("btd,btk->dk", xs, ct_btk), tol)
 
 
 def test_router_tied_heads():

@@ -72,6 +72,21 @@ def sparse_softmax(z_bthe, n_bthe, sigma: float):
     return jax.nn.softmax(jnp.where(n_bthe >= threshold, z_bthe, -1e10), axis=-1)
 
 
+def project_lanes(x_btd, kernel_dk, heads: int, dtype):
+    """The router's logits ``x @ w`` as ``[b, H, E, t]`` float32 (the layout of the fused router kernel).
+
+    Written as a product batched over rows, ``w^T`` broadcast to ``[b, H, E, d]`` times ``x^T`` ``[b, d, t]``:
+    its natural output is then the kernel's layout. XLA fuses the broadcast into the product and turns its
+    transpose (the weight gradient) into one contraction over rows and tokens; the plain ``btd,dhe->bhet``
+    made XLA write ``[b, E, H, t]`` and transpose the float32 logits (TPU v4, one routing group of the
+    1.4B models: 18% fewer router bytes this way)."""
+    b, d = x_btd.shape[0], x_btd.shape[-1]
+    w_hed = kernel_dk.astype(dtype).T.reshape(heads, -1, d)
+    x_bdt = jnp.swapaxes(x_btd.astype(dtype), 1, 2)
+    return jnp.einsum("bhed,bdt->bhet", jnp.broadcast_to(w_hed, (b, *w_hed.shape)), x_bdt,
+                      preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
 class Router(nnx.Module):
     def __init__(self, cfg: MonetConfig, *, param_dtype, compute_dtype, rngs: nnx.Rngs):
         self.heads, self.experts, self.sigma = cfg.moe_heads, cfg.moe_experts, cfg.router_sigma
@@ -130,10 +145,8 @@ class Router(nnx.Module):
 
     def _route_lanes(self, x_btd, w, norm, dtype):
         """One half on the fused kernel, in the mixing layout."""
-        cd, d = w.compute_dtype, x_btd.shape[-1]
-        w_dhe = w.kernel[...].reshape(d, self.heads, self.experts).astype(cd)
-        z_bhet = jnp.einsum("btd,dhe->bhet", x_btd.astype(cd), w_dhe, preferred_element_type=jnp.float32)
-        z_bhet = constrain(z_bhet.astype(jnp.float32), ("batch", None, "experts", "seq"))
+        z_bhet = project_lanes(x_btd, w.kernel[...], self.heads, w.compute_dtype)
+        z_bhet = constrain(z_bhet, ("batch", None, "experts", "seq"))
         mean_h, var_h = norm.moments(z_bhet, axes=(0, 2, 3))  # batch statistics here: global, running update
         g_lanes, col, amb = kernel_ops.router_probs(z_bhet, mean_h, var_h, self.sigma, norm.eps, dtype)
         z_bthe = jnp.transpose(z_bhet, (0, 3, 1, 2))
