@@ -60,6 +60,7 @@ def _expert_layer(layer, router, x, probs):
     """One expert layer; the first of the group routes (inside its remat region, as in the model)."""
     if probs is None:
         probs = router.route(x, lanes_dtype=layer.compute_dtype)
+        probs = (*probs[:3], *layer.lanes_probs(*probs[3:]))
     return x + layer(x, probs[0], probs[1], lanes_probs=probs[3:]), probs
 
 

@@ -45,7 +45,7 @@ class DecoderLayer(nnx.Module):
             self.router = None
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask, probs):
-        """``probs`` is the (g1, g2, sums, g1 lanes, g2 lanes) of the routing group's first layer;
+        """``probs`` is the (g1, g2, sums, *moe.lanes_probs) of the routing group's first layer;
         returns (x, probs)."""
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask)
         return self._mlp(x_btd, probs)
@@ -59,8 +59,9 @@ class DecoderLayer(nnx.Module):
         h_btd = self.post_attention_layernorm(x_btd)
         if not hasattr(self, "moe"):
             return x_btd + self.mlp(h_btd), None
-        if self.router is not None:  # (g1, g2, sums) and (g1, g2) in the mixing layout, once per group
+        if self.router is not None:  # (g1, g2, sums) and the mixing layout's lanes_probs, once per group
             probs = self.router.route(h_btd, lanes_dtype=self.moe.compute_dtype)
+            probs = (*probs[:3], *self.moe.lanes_probs(*probs[3:]))
         deleted = None if self.deleted is None else self.deleted[...]
         return x_btd + self.moe(h_btd, probs[0], probs[1], deleted=deleted, lanes_probs=probs[3:]), probs
 
