@@ -28,9 +28,9 @@ def write_jsonl(path, rows):
 
 
 def reference_loglikelihoods(model, tokenizer, requests, max_len: int = 10**9) -> list[float]:
-    """Each sequence unbatched from the scorer's view: its tokens from position 0, nothing but later filler
-    after it (a causal model's logits at a position never see later ones), so one forward pass serves all;
-    log-softmax summed in NumPy over each continuation."""
+    """Every sequence from position 0 with only filler after it (a causal model's logits at a position never
+    see later tokens), so one forward pass scores them all; log-softmax summed in NumPy over each
+    continuation."""
     seqs, conts = [], []
     for context, continuation in requests:
         cont = [int(t) for t in tokenizer.encode(continuation)]

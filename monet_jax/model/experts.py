@@ -153,7 +153,7 @@ class HorizontalExperts(nnx.Module):
         cd = self.compute_dtype
         impl = _impl(self, x_btd, g1_bthi, deleted)
         if impl in ("xla", "pallas"):
-            g1, g2 = lanes_probs or _to_lanes(g1_bthi, g2_bthj, cd)
+            g1, g2 = lanes_probs or self.lanes_probs(*_to_lanes(g1_bthi, g2_bthj, cd))
             p = constrain(lanes.up(x_btd, self.u.kernel[...], self.u.bias[...], self.experts, cd), LANES_ACT)
             z = kernel_ops.mixer(impl, vertical=False)(p, g1, g2)
             w = self.v.kernel[...].reshape(self.experts, self.dim, -1)

@@ -78,13 +78,13 @@ def project_lanes(x_btd, kernel_dk, heads: int, dtype):
     Written as a product batched over rows, ``w^T`` broadcast to ``[b, H, E, d]`` times ``x^T`` ``[b, d, t]``:
     its natural output is then the kernel's layout. XLA fuses the broadcast into the product and turns its
     transpose (the weight gradient) into one contraction over rows and tokens; the plain ``btd,dhe->bhet``
-    made XLA write ``[b, E, H, t]`` and transpose the float32 logits (TPU v4, one routing group of the
-    1.4B models: 18% fewer router bytes this way)."""
+    made XLA write ``[b, E, H, t]`` and transpose the float32 logits (TPU v4, the router of Monet-HD 1.4B
+    forward and backward on 8 x 2048 tokens: 18% fewer bytes this way)."""
     b, d = x_btd.shape[0], x_btd.shape[-1]
     w_hed = kernel_dk.astype(dtype).T.reshape(heads, -1, d)
     x_bdt = jnp.swapaxes(x_btd.astype(dtype), 1, 2)
     return jnp.einsum("bhed,bdt->bhet", jnp.broadcast_to(w_hed, (b, *w_hed.shape)), x_bdt,
-                      preferred_element_type=jnp.float32).astype(jnp.float32)
+                      preferred_element_type=jnp.float32)
 
 
 class Router(nnx.Module):
