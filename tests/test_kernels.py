@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -379,10 +380,62 @@ def test_sparse_equals_dense_on_parity_checkpoints(reference_checkpoint, dec):
 
 
 @pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+def test_sparse_layer_loop_and_gather_equal_the_reference(dec):
+    """The sparse layer reading expert rows in a loop over the union (CPU) and gathering them (accelerators):
+    both equal the whole-layer reference where the union fits the width and where it does not (the dense
+    fallback); the loop's gradient (the gather's, by a custom VJP) equals the reference's for the input,
+    the weights (``u`` and its rows summed) and the routing weights the layer uses (those at zero do not
+    reach the router, whose threshold zeroed them)."""
+    from monet_jax.kernels import sparse
+    from monet_jax.model.experts import hd_layer, vd_layer
+
+    cfg = _cfg(dec)
+    layer = MonetForCausalLM(cfg, rngs=nnx.Rngs(3)).model.layers[0].moe
+    w = _weights(layer)
+    for i, name in enumerate(("b1", "b2") if dec == "vertical" else ("b",)):
+        w[name] = jax.random.normal(jax.random.key(20 + i), w[name].shape)
+    ups = ("u1", "u2") if dec == "vertical" else ("u",)
+    w.update({f"{u}_rows": w[u].T for u in ups})
+    k = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(k[0], (1, 2, cfg.hidden_size))
+    g1, g2 = (routing(k[i], 2, cfg.moe_heads, cfg.moe_experts).reshape(1, 2, cfg.moe_heads, -1) for i in (1, 2))
+    used = max(int(np.any(np.asarray(g) > 0, axis=(0, 1, 2)).sum()) for g in (g1, g2))
+    assert 1 < used < cfg.moe_experts - 1
+    narrow, dense = (sparse.vd_narrow, vd_layer) if dec == "vertical" else (sparse.hd_narrow, hd_layer)
+    layer_ref = vd_layer_reference if dec == "vertical" else hd_layer_reference
+
+    def ref(x, w, g1, g2):
+        w = {n: w[n] for n in w if not n.endswith("_rows")}  # u's rows are a copy of u, read by the sparse path
+        return layer_ref(x.reshape(2, -1), w, g1.reshape(2, cfg.moe_heads, -1),
+                         g2.reshape(2, cfg.moe_heads, -1)).reshape(x.shape)
+
+    ct = cotangent(jax.eval_shape(ref, x, w, g1, g2))
+    want, want_grads = value_and_vjp(ref, (x, w, g1, g2), ct)
+    for width in (used, used - 1):  # the union fits / the dense fallback
+        got = {}
+        for loop in (True, False):
+            def run(x, w, g1, g2, loop=loop, width=width):
+                return sparse.layer(narrow, partial(dense, compute_dtype=jnp.float32), x, w, g1, g2, width,
+                                    jnp.float32, loop=loop)
+            got[loop] = value_and_vjp(run, (x, w, g1, g2), ct)
+            close(got[loop][0], want)
+            gx, gw, gg1, gg2 = got[loop][1]
+            close(gx, want_grads[0])
+            close({n: gw[n] + (gw[f"{n}_rows"].T if n in ups else 0) for n in gw if not n.endswith("_rows")},
+                  {n: want_grads[1][n] + (want_grads[1][f"{n}_rows"].T if n in ups else 0)
+                   for n in want_grads[1] if not n.endswith("_rows")})
+            for got_g, want_g, g in ((gg1, want_grads[2], g1), (gg2, want_grads[3], g2)):
+                close(jnp.where(g != 0, got_g, 0), jnp.where(g != 0, want_g, 0))
+        # Only the narrow layer reads u through its rows: the loop ran where the union fits, not past it.
+        assert all(bool(jnp.any(got[True][1][1][f"{u}_rows"] != 0)) == (width == used) for u in ups)
+
+
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
 def test_sparse_expert_rows_read_only_the_experts_in_use(reference_checkpoint, dec):
     """``PureModel(expert_rows=True)`` adds ``u.T`` copies to the split state (the model is left as it was); the
-    sparse layer then gathers those rows at the smallest tier of its width that holds the union, or runs the
-    dense layer when the union is wider than the largest tier: the logits equal the dense path's either way."""
+    sparse layer then reads those rows (on a CPU in a loop over the union, at its one width; elsewhere gathered
+    at the smallest tier that holds the union), or runs the dense layer when the union is wider: the logits
+    equal the dense path's either way."""
     from monet_jax.kernels import sparse
     from monet_jax.model.pure import ExpertRows, PureModel, decodes_sparse
 
@@ -404,7 +457,8 @@ def test_sparse_expert_rows_read_only_the_experts_in_use(reference_checkpoint, d
         ids = np.random.default_rng(0).integers(0, 96, (1, tokens)).astype(np.int32)
         out = dense(ids, output_router_probs=True)
         used = max(int(np.any(np.asarray(g) > 0, axis=(0, 1, 2)).sum()) for pair in out.router_probs for g in pair)
-        widths = sparse.tiers(tokens * cfg.moe_heads * moe.sparse_k, cfg.moe_experts)
+        width, e = tokens * cfg.moe_heads * moe.sparse_k, cfg.moe_experts
+        widths = ([width] if width < e else []) if sparse.loops() else sparse.tiers(width, e)
         seen.add("dense" if not widths or used > widths[-1] else "narrow")
         close(pure.jit(lambda m, x: m(x).logits)(ids), out.logits)
     assert seen == {"dense", "narrow"}

@@ -55,7 +55,7 @@ def bucket(n: int, least: int = 1) -> int:
 class Decoding(NamedTuple):
     """What the decoding loop carries between steps (and between streamed chunks)."""
 
-    cache: list            # per layer (keys, values) [b, kv_heads, S, head_dim]
+    cache: list            # per layer (keys, values) [b * kv_heads, S, head_dim]
     tokens: jax.Array      # int32 [b, N]: the new tokens, pad_id after a row's eos
     logits: jax.Array      # float32 [b, N, V] the tokens were drawn from ([b, 0, V] unless requested)
     position: jax.Array    # int32 [b]: position of the last drawn token

@@ -34,16 +34,24 @@ class Attention(nnx.Module):
         return self._attend(q_btnd, k_btgd, v_btgd, mask)
 
     def cached(self, x_btd, cos_btd, sin_btd, mask_bts, kv, index):
-        """Decoding: write this step's keys/values into the cache ``kv`` (each ``[b, kv_heads, S, d]``) at
+        """Decoding: write this step's keys/values into the cache ``kv`` (each ``[b * kv_heads, S, d]``) at
         ``index`` and attend over the whole cache; ``mask_bts`` says which cache slots each query sees.
 
         The cache keeps each KV head's slots contiguous: the score and value products are then one plain
         matrix product per (row, KV head), where the ``[b, S, kv_heads, d]`` layout made XLA's CPU batched
-        products several times slower (0.43 against 2.5-3.8 ms per layer at batch 8, 128 slots)."""
+        products several times slower (0.43 against 2.5-3.8 ms per layer at batch 8, 128 slots). Rows and
+        KV heads share one leading axis because the products take them as one batch axis: with two, XLA
+        wrote each step's update twice, once into the cache and once into a flattened copy for the products,
+        and copied the whole cache three times a step to do so."""
         q_btnd, k_btgd, v_btgd = self._qkv(x_btd, cos_btd, sin_btd)
-        k_bgsd = jax.lax.dynamic_update_slice_in_dim(kv[0], k_btgd.swapaxes(1, 2).astype(kv[0].dtype), index, axis=2)
-        v_bgsd = jax.lax.dynamic_update_slice_in_dim(kv[1], v_btgd.swapaxes(1, 2).astype(kv[1].dtype), index, axis=2)
-        return self._attend_cache(q_btnd, k_bgsd, v_bgsd, mask_bts), (k_bgsd, v_bgsd)
+        b, t, g, hd = k_btgd.shape
+
+        def write(cache_nsd, new_btgd):
+            new_nsd = new_btgd.swapaxes(1, 2).reshape(b * g, t, hd).astype(cache_nsd.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(cache_nsd, new_nsd, index, axis=1)
+
+        k_nsd, v_nsd = write(kv[0], k_btgd), write(kv[1], v_btgd)
+        return self._attend_cache(q_btnd, k_nsd, v_nsd, mask_bts), (k_nsd, v_nsd)
 
     def _qkv(self, x_btd, cos_btd, sin_btd):
         b, t, _ = x_btd.shape
@@ -64,18 +72,18 @@ class Attention(nnx.Module):
         out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v_bsgd).reshape(b, t, g * r * hd)
         return self.o_proj(out)
 
-    def _attend_cache(self, q_btnd, k_bgsd, v_bgsd, mask_bts):
-        """``_attend`` over keys and values as ``[b, kv_heads, S, d]``: the queries of a KV head (its
+    def _attend_cache(self, q_btnd, k_nsd, v_nsd, mask_bts):
+        """``_attend`` over keys and values as ``[b * kv_heads, S, d]``: the queries of a KV head (its
         ``r`` heads times ``t`` tokens) as the rows of one matrix product per row and KV head."""
         b, t = q_btnd.shape[:2]
         g, r, hd = self.kv_heads, self.num_heads // self.kv_heads, self.head_dim
-        q_bgqd = q_btnd.reshape(b, t, g, r, hd).transpose(0, 2, 3, 1, 4).reshape(b, g, r * t, hd)
-        scores = jnp.einsum("bgqd,bgkd->bgqk", q_bgqd, k_bgsd,
+        q_nqd = q_btnd.reshape(b, t, g, r, hd).transpose(0, 2, 3, 1, 4).reshape(b * g, r * t, hd)
+        scores = jnp.einsum("nqd,nkd->nqk", q_nqd, k_nsd,
                             preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(hd))
         mask_bqs = jnp.broadcast_to(mask_bts[:, None], (b, r, t, mask_bts.shape[-1])).reshape(b, 1, r * t, -1)
-        scores = jnp.where(mask_bqs, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_bgsd.dtype)
-        out = jnp.einsum("bgqk,bgkd->bgqd", probs, v_bgsd).reshape(b, g, r, t, hd)
+        scores = jnp.where(mask_bqs, scores.reshape(b, g, r * t, -1), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_nsd.dtype).reshape(b * g, r * t, -1)
+        out = jnp.einsum("nqk,nkd->nqd", probs, v_nsd).reshape(b, g, r, t, hd)
         return self.o_proj(out.transpose(0, 3, 1, 2, 4).reshape(b, t, g * r * hd))
 
 

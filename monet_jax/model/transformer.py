@@ -183,9 +183,10 @@ class MonetForCausalLM(nnx.Module):
 
     # -- decoding ----------------------------------------------------------------------------------
     def init_cache(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
-        """Zeroed keys/values ``[batch, kv_heads, length, head_dim]`` per layer, in the compute dtype."""
+        """Zeroed keys/values ``[batch * kv_heads, length, head_dim]`` per layer (row-major over rows, then
+        KV heads), in the compute dtype."""
         cfg = self.config
-        shape = (batch, cfg.kv_heads, length, cfg.head_size)
+        shape = (batch * cfg.kv_heads, length, cfg.head_size)
         return [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
                 for _ in range(cfg.num_hidden_layers)]
 
