@@ -142,3 +142,25 @@ def test_generate_cli(tmp_path, capsys):
     streamed = capsys.readouterr().out
     assert [x for x in streamed.splitlines() if "tokens/s" not in x] == [x for x in whole.splitlines()
                                                                           if "tokens/s" not in x]
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_decoding_loop_updates_the_cache_in_place(b):
+    """The compiled decoding loop writes each step's keys and values into the donated cache without copying
+    it: no ``copy`` in its optimized program produces a cache-shaped array (with rows and KV heads as
+    separate axes XLA wrote each update twice and copied the whole cache three times a step at batch 1)."""
+    model = tiny_model(moe_decompose="horizontal")
+    pure = PureModel(model)
+    p, new = 8, 8
+    fixed = gen._Fixed(jnp.ones((b, p + new), bool), jax.random.key(0), jnp.int32(-1), jnp.int32(0),
+                       jnp.zeros((b,), bool))
+    ids = jnp.ones((b, p), jnp.int32)
+    positions = jnp.tile(jnp.arange(p, dtype=jnp.int32), (b, 1))
+    state = pure.jit(gen._prefill, static_argnums=(3, 4, 5))(ids, positions, fixed, new, Sampling(), False)
+    cache_shape = state.cache[0][0].shape
+    assert cache_shape == (b * model.config.kv_heads, p + new, model.config.head_size)
+    decode = pure.jit(gen._decode, static_argnums=(3, 4), donate_argnums=(0,), rows=b)
+    text = decode.func.lower(decode.args[0], state, fixed, jnp.int32(new), Sampling(), False).compile().as_text()
+    shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
+    copies = [line for line in text.splitlines() if " copy(" in line and f"= {shape}" in line]
+    assert "while" in text and not copies, copies

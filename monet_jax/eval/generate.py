@@ -83,7 +83,7 @@ def _draw(s: Decoding, f: _Fixed, logits_bv, sampling: Sampling, keep_logits: bo
 def _prefill(model, ids_bp, position_bp, f: _Fixed, new: int, sampling: Sampling, keep_logits: bool) -> Decoding:
     b, p = ids_bp.shape
     cache = model.init_cache(b, f.key_mask.shape[1])
-    logits, cache = model.cached(ids_bp, position_bp, f.key_mask, cache, 0)
+    logits, cache = model.cached(ids_bp, position_bp, f.key_mask, cache, 0, last_only=True)
     v = logits.shape[-1]
     s = Decoding(cache, jnp.zeros((b, new), jnp.int32), jnp.zeros((b, new if keep_logits else 0, v), jnp.float32),
                  position_bp[:, -1], f.filler, jnp.int32(0))

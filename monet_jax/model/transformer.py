@@ -190,9 +190,13 @@ class MonetForCausalLM(nnx.Module):
         return [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
                 for _ in range(cfg.num_hidden_layers)]
 
-    def cached(self, input_ids, position_ids, key_mask, cache, index):
-        """Logits (float32) of ``input_ids`` written at cache slot ``index``, and the updated cache."""
+    def cached(self, input_ids, position_ids, key_mask, cache, index, *, last_only: bool = False):
+        """Logits (float32) of ``input_ids`` written at cache slot ``index``, and the updated cache.
+        ``last_only``: the logits of the last position alone (``[b, 1, V]``), all a prefill samples from:
+        the output head then reads its weights for one row instead of one per prompt token."""
         hidden_btd, cache = self.model.cached(jnp.asarray(input_ids), position_ids, key_mask, cache, index)
+        if last_only:
+            hidden_btd = hidden_btd[:, -1:]
         return self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32), cache
 
     # -- checkpoints -------------------------------------------------------------------------------
