@@ -15,11 +15,11 @@ weights, which :class:`monet_jax.model.pure.PureModel` adds for decoding) only t
 else ``u`` runs dense and its output is narrowed.
 
 How the rows are read depends on the backend (``loop``). On a CPU, XLA's gather copies element by element
-from memory (a ``[64 * 16, 1024]`` float32 gather runs at about 3 GB/s), so each expert's rows are
-multiplied where they lie, one ``dynamic_slice`` and product per expert in a loop that runs for the union's
-size (about 3x faster per expert; ``benchmarks/decode_vs_torch.py``). On accelerators, where a gather is one
-parallel kernel and a loop of small products is not, the rows are gathered at the smallest of a few static
-widths that holds the union (``lax.cond``).
+(64 experts' rows of a ``[8192, 1024]`` float32 kernel: about 3 GB/s), so each expert's rows are multiplied
+where they lie, one ``dynamic_slice`` and product per expert in a loop as long as the union (a batch-1
+decoding step 8-11% faster: BENCHMARKS.md). On accelerators, where a gather is one parallel kernel and a
+loop of small products is not, the rows are gathered at the smallest of a few static widths that holds the
+union (``lax.cond``).
 """
 
 from __future__ import annotations
