@@ -41,8 +41,8 @@ class Attention(nnx.Module):
         matrix product per (row, KV head), where the ``[b, S, kv_heads, d]`` layout made XLA's CPU batched
         products several times slower (0.43 against 2.5-3.8 ms per layer at batch 8, 128 slots). Rows and
         KV heads share one leading axis because the products take them as one batch axis: with two, XLA
-        wrote each step's update twice, once into the cache and once into a flattened copy for the products,
-        and copied the whole cache three times a step to do so."""
+        (at batch 1) wrote each step's update twice, into the cache and into a flattened copy for the
+        products, and copied the whole cache three times a step to do so."""
         q_btnd, k_btgd, v_btgd = self._qkv(x_btd, cos_btd, sin_btd)
         b, t, g, hd = k_btgd.shape
 
