@@ -457,8 +457,7 @@ def test_sparse_expert_rows_read_only_the_experts_in_use(reference_checkpoint, d
         ids = np.random.default_rng(0).integers(0, 96, (1, tokens)).astype(np.int32)
         out = dense(ids, output_router_probs=True)
         used = max(int(np.any(np.asarray(g) > 0, axis=(0, 1, 2)).sum()) for pair in out.router_probs for g in pair)
-        width, e = tokens * cfg.moe_heads * moe.sparse_k, cfg.moe_experts
-        widths = ([width] if width < e else []) if sparse.loops() else sparse.tiers(width, e)
+        widths = sparse.widths(tokens * cfg.moe_heads * moe.sparse_k, cfg.moe_experts, sparse.loops())
         seen.add("dense" if not widths or used > widths[-1] else "narrow")
         close(pure.jit(lambda m, x: m(x).logits)(ids), out.logits)
     assert seen == {"dense", "narrow"}

@@ -38,6 +38,12 @@ def tiers(width: int, experts: int) -> list[int]:
     return [w for w in out if w < experts]
 
 
+def widths(width: int, experts: int, loop: bool) -> list[int]:
+    """The static widths :func:`layer` tries, smallest first: ``width`` itself where rows are read in a loop
+    (its length is the union's), else the gather's :func:`tiers`; none when ``width`` covers every expert."""
+    return ([width] if width < experts else []) if loop else tiers(width, experts)
+
+
 def loops() -> bool:
     """Whether expert rows are read by a loop over the union (CPU) rather than gathered (accelerators)."""
     return dispatch.target_platform() == "cpu"
@@ -134,10 +140,8 @@ def layer(narrow, dense, x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop:
     ``width`` (the loop's length is the union's), instead of gathering them at a few tiers of it."""
     loop = loops() if loop is None else loop
     used = jnp.maximum(*(jnp.any(g != 0, axis=(0, 1, 2)).sum() for g in (g1_bthi, g2_bthj)))
-    e = _experts(w)
-    widths = ([width] if width < e else []) if loop else tiers(width, e)
     run = dense
-    for tier in reversed(widths):  # nest: the smallest tier is tried first
+    for tier in reversed(widths(width, _experts(w), loop)):  # nest: the smallest tier is tried first
         run = _tier(narrow, tier, cd, loop, run, used)
     return run(x_btd, w, g1_bthi, g2_bthj)
 
