@@ -11,6 +11,7 @@ from monet_jax.config import MonetConfig
 from monet_jax.eval import generate as gen
 from monet_jax.eval.generate import Sampling, generate, sample
 from monet_jax.eval.main import main as eval_main
+from monet_jax.kernels import dispatch
 from monet_jax.model.pure import PureModel
 
 
@@ -164,3 +165,23 @@ def test_decoding_loop_updates_the_cache_in_place(b):
     shape = "f32[" + ",".join(map(str, cache_shape)) + "]"
     copies = [line for line in text.splitlines() if " copy(" in line and f"= {shape}" in line]
     assert "while" in text and not copies, copies
+
+
+def test_a_gpu_decodes_a_single_prompt_on_two_rows(monkeypatch):
+    """On a GPU a batch of one runs with a filler row (XLA:GPU writes a one-row product ``x @ W`` out as
+    ``x * W`` before summing it), and the dense expert path: same tokens and logits as one row sparse."""
+    model = tiny_model(moe_impl="auto")
+    one = generate(model, [[1, 8, 9]], max_new_tokens=6, eos_id=None, return_logits=True)
+    rows, jit = [], PureModel.jit
+
+    def spy(self, fn, **kw):
+        rows.append((fn.__name__, kw.get("rows")))
+        return jit(self, fn, **kw)
+
+    monkeypatch.setattr(PureModel, "jit", spy)
+    monkeypatch.setattr(dispatch, "target_platform", lambda: "gpu")
+    assert gen.least_rows() == 2
+    two = generate(model, [[1, 8, 9]], max_new_tokens=6, eos_id=None, return_logits=True)
+    assert rows == [("_prefill", 2 * 8), ("_decode", 2)]  # the prompt's bucket is 8 tokens
+    assert two["tokens"] == one["tokens"] and two["logits"].shape == one["logits"].shape == (1, 6, 64)
+    np.testing.assert_allclose(two["logits"], one["logits"], atol=2e-5, rtol=1e-5)

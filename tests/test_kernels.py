@@ -478,7 +478,7 @@ def test_sparse_decoding_with_the_cache(reference_checkpoint, dec):
 
 
 # -- dispatch and config --------------------------------------------------------------------------------
-def test_dispatch_choices_and_logged_fallback(caplog):
+def test_dispatch_choices_and_logged_fallback(caplog, monkeypatch):
     with dispatch.force_interpret(False):
         assert dispatch.choose("auto", 1, 8, 512, 16) == "sparse"      # decoding: 1 * 8 * 16 < 512 rows
         assert dispatch.choose("auto", 4096, 8, 512, 16) == "xla"      # CPU, not interpreting
@@ -487,6 +487,15 @@ def test_dispatch_choices_and_logged_fallback(caplog):
             assert dispatch.choose("pallas", 4096, 8, 512, 16) == "xla"
             assert dispatch.choose("pallas", 4096, 8, 512, 16) == "xla"
         assert len([r for r in caplog.records if "moe_impl=pallas" in r.message]) == 1  # logged once
+        with monkeypatch.context() as m:
+            m.setattr(dispatch, "target_platform", lambda: "gpu")
+            assert dispatch.choose("auto", 1, 8, 512, 16) == "xla"      # a GPU decodes faster dense
+            assert dispatch.choose("sparse", 1, 8, 512, 16) == "sparse"  # unless asked
+            assert dispatch.choose("pallas", 4096, 8, 512, 16) == "xla"  # no Triton lowering of the kernels
+            assert dispatch.choose("auto", 4096, 8, 512, 16) == "xla"
+            m.setattr(dispatch, "target_platform", lambda: "tpu")
+            assert dispatch.choose("auto", 1, 8, 512, 16) == "sparse"
+            assert dispatch.choose("auto", 4096, 8, 512, 16) == "pallas"
     assert dispatch.choose("pallas", 4096, 8, 512, 16) == "pallas"     # interpret mode (this fixture)
     assert dispatch.choose("auto", 4096, 8, 512, 16) == "pallas"
     assert dispatch.sparse_k(0, 8, 512) == 16 and dispatch.sparse_k(0, 3, 4) == 4 and dispatch.sparse_k(5, 3, 16) == 5
