@@ -56,7 +56,7 @@ def bucket(n: int, least: int = 1) -> int:
 def least_rows() -> int:
     """Rows a decoding step runs at least. On a GPU, two: XLA:GPU rewrites a one-row product ``x @ W`` as an
     elementwise ``x * W`` written to memory and then summed (jax 0.11.2, H100), three times the weight's bytes;
-    a second (filler) row keeps it a matrix product (1.4B VD: 196 -> 985 tokens/s at batch 2, one H100)."""
+    a second (filler) row keeps it a matrix product (1.4B VD at batch 1 on one H100: 196 -> 492 tokens/s)."""
     return 2 if dispatch.target_platform() == "gpu" else 1
 
 
