@@ -86,6 +86,25 @@ def test_same_losses_gradients_and_batchnorm_on_every_mesh():
     assert model.model.layers[0].router.w1.kernel[...].sharding.spec == jax.P("fsdp", "tensor")
 
 
+def test_eager_initialisation_on_one_gpu_matches_the_jitted_one(monkeypatch):
+    """The op-by-op initialisation (one GPU) gives the jitted one's weights (to the last bits), dtypes and
+    placement, so a training step runs from it; CPU meshes keep the jitted one."""
+    from monet_jax.train import step as step_mod
+
+    cfg = tiny()
+    mesh = sharding.make_mesh(sharding.MeshConfig(1, 1, 1), jax.devices()[:1])
+    assert not step_mod.eager_init(mesh)
+    jitted = init_state(cfg, mesh)
+    monkeypatch.setattr(step_mod, "eager_init", lambda mesh: True)
+    eager = init_state(cfg, mesh)
+    assert jax.tree.structure(eager.state) == jax.tree.structure(jitted.state)
+    for a, b in zip(jax.tree.leaves(eager.state), jax.tree.leaves(jitted.state), strict=True):
+        assert a.dtype == b.dtype and a.sharding == b.sharding
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-6, atol=1e-7)
+    _, m = make_train_step(eager, cfg)(eager.state, global_batch(random_batch(cfg), mesh))
+    assert np.isfinite(float(m["loss"]))
+
+
 def test_logical_rules_replicate_what_does_not_divide():
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2))
     assert sharding.logical_to_spec(("embed", "expert_mlp"), (32, 64), mesh) == jax.P("fsdp", "tensor")
