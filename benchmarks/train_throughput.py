@@ -6,7 +6,8 @@
 
 The real jitted, sharded train step (forward, backward, AdamW) on random tokens, over every local device
 (``mesh.data=-1`` unless overridden). ``--baseline auto`` builds a dense SwiGLU model with the same
-attention and an MLP sized to match Monet's parameter count. Overrides apply to both models.
+attention and an MLP sized to match Monet's parameter count. Overrides apply to both models; each model
+runs in its own process, so each peak memory is its own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import time
 
@@ -68,6 +70,21 @@ def measure(cfg: TrainConfig, steps: int, warmup: int) -> dict:
             "compile_and_warmup_seconds": compile_and_warmup, "loss": float(m["loss"])}
 
 
+RESULT = "RESULT "
+
+
+def isolated(index: int, argv) -> dict:
+    """Run ``index`` measured in a fresh process, so each model's peak memory is its own (the backends
+    report a process's peak, and the second model would inherit the first's)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    out = subprocess.run([sys.executable, __file__, "--only", str(index), *argv], capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith(RESULT)]
+    if out.returncode or not lines:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(f"run {index} failed (exit {out.returncode})")
+    return json.loads(lines[-1][len(RESULT):])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=None, help="Monet config(s); default: the tiny default")
@@ -75,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)  # one run, in a child process
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     cfg = TrainConfig.load(args.config, args.overrides)
@@ -83,9 +101,12 @@ def main(argv=None) -> int:
         runs.append(equal_size_dense_run(cfg))
     elif args.baseline != "none":
         runs.append(TrainConfig.load([*(args.config or [])[1:], args.baseline], args.overrides))
+    if args.only is not None:
+        print(RESULT + json.dumps(measure(runs[args.only], args.steps, args.warmup)))
+        return 0
     results = []
-    for c in runs:
-        r = measure(c, args.steps, args.warmup)
+    for i, c in enumerate(runs):
+        r = measure(c, args.steps, args.warmup) if len(runs) == 1 else isolated(i, argv)
         results.append(r)
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] else "n/a"
