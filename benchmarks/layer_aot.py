@@ -61,7 +61,8 @@ def _expert_layer(layer, router, x, probs):
     if probs is None:
         probs = router.route(x, lanes_dtype=layer.compute_dtype)
         probs = (*probs[:3], *layer.lanes_probs(*probs[3:]))
-    return x + layer(x, probs[0], probs[1], lanes_probs=probs[3:]), probs
+    out, lanes_probs = layer(x, probs[0], probs[1], lanes_probs=probs[3:], carry=True)  # g passed on, as in the model
+    return x + out, (*probs[:3], *(lanes_probs or ()))
 
 
 def dense_twin(cfg: MonetConfig) -> MonetConfig:

@@ -18,6 +18,7 @@ from flax import nnx
 from monet_jax import MonetForCausalLM, sharding
 from monet_jax.config import ConfigError, MonetConfig
 from monet_jax.kernels import dispatch, lanes, mixing
+from monet_jax.kernels import ops as kernel_ops
 from monet_jax.kernels.reference import (
     aux_from_sums,
     hd_layer_reference,
@@ -239,6 +240,67 @@ def test_mixing_in_two_calls_matches_reference(small_blocks, monkeypatch, vd, sh
     names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(fn)(*mixing_args(shape, vd))))
     assert names == [f"monet_{'vd' if vd else 'hd'}_mix_reduce", f"monet_{'vd' if vd else 'hd'}_mix_emit"]
     check_vjp(fn, vd_mix_reference if vd else hd_mix_reference, mixing_args(shape, vd))
+
+
+def to_lanes_layout(args, b: int, t: int):
+    """Reference-layout mixing arguments (``[n, E, m]`` activations, ``[n, H, E]`` routing) as the kernels'."""
+    n_p = len(args) - 2
+    return (*(a.reshape(b, t, *a.shape[1:]).transpose(0, 3, 2, 1) for a in args[:n_p]),
+            *(g.reshape(b, t, *g.shape[1:]).transpose(0, 2, 3, 1) for g in args[n_p:]))
+
+
+@pytest.mark.parametrize("g_used,two_calls", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("vd", [True, False])
+def test_mixing_carry_sums_the_groups_gradients_of_g(small_blocks, monkeypatch, vd, g_used, two_calls):
+    """The carrying kernels pass ``g`` on unchanged for the group's next layer and add the gradients of ``g``
+    that come back through it (HD: and of ``sum_h g2``) inside the backward kernel: the gradients of the XLA
+    mixing with ``g`` used again. With the passed-on ``g`` unused (a group's last layer) nothing is added.
+    Also where the reduce and emit phases are two calls (inputs too large for VMEM: forced here)."""
+    if two_calls:
+        monkeypatch.setattr(mixing, "VMEM_LIMIT", 0)
+    b, t = MIX_SHAPES[0][:2]
+    args = to_lanes_layout(mixing_args(MIX_SHAPES[0], vd), b, t)
+    if vd:
+        fn = kernel_ops.vd_mix_carry
+        ref = lambda p1, p2, g1, g2: (*lanes.vd_mix_lanes(p1, p2, g1, g2), g1, g2)  # noqa: E731
+    else:
+        fn = kernel_ops.hd_mix_carry
+        ref = lambda p, g1, g2: (lanes.hd_mix_lanes(p, g1, g2), g2.sum(axis=1), g1, g2)  # noqa: E731
+    keep = slice(None) if g_used else slice(0, 2)
+    check_vjp(lambda *a: fn(*a)[keep], lambda *a: ref(*a)[keep], args)
+    out = fn(*args)
+    for passed, g in zip(out[2:], args[-2:], strict=True):
+        np.testing.assert_array_equal(np.asarray(passed), np.asarray(g))
+
+
+@pytest.mark.parametrize("vd", [True, False])
+def test_a_routing_group_sums_its_gradients_of_g_in_the_kernels(small_blocks, vd):
+    """Two layers sharing ``g`` through the carrying kernels: the backward pass has no separate add of
+    ``[b, H, E, t]`` gradients (the second layer's arrive in the first one's kernel), and the gradients equal
+    those of the XLA mixing. (The second layer's activations are constants here, so no add of ``p``'s
+    gradients, of the same shape at these sizes, can stand in for one of ``g``'s.)"""
+    b, t = MIX_SHAPES[0][:2]
+    args = to_lanes_layout(mixing_args(MIX_SHAPES[0], vd), b, t)
+    n_p = len(args) - 2
+    carry = kernel_ops.vd_mix_carry if vd else kernel_ops.hd_mix_carry
+    plain = lanes.vd_mix_lanes if vd else (lambda p, g1, g2: (lanes.hd_mix_lanes(p, g1, g2), g2.sum(axis=1)))
+
+    def group(fn, passes: bool):
+        def loss(*a):
+            ps, g = a[:n_p], a[n_p:]
+            first = fn(*ps, *g)
+            second = fn(*(jax.lax.stop_gradient(jnp.sin(p)) for p in ps), *(first[-2:] if passes else g))
+            return sum(jnp.sum(jnp.cos(o)) for o in jax.tree.leaves((first[:-2] if passes else first,
+                                                                      second[:-2] if passes else second)))
+        return loss
+
+    got = jax.jit(jax.grad(group(carry, True), argnums=tuple(range(len(args)))))(*args)
+    want = jax.jit(jax.grad(group(plain, False), argnums=tuple(range(len(args)))))(*args)
+    close(got, want)
+    jaxpr = str(jax.make_jaxpr(jax.grad(group(carry, True), argnums=tuple(range(len(args)))))(*args))
+    g_shape = "f32[" + ",".join(map(str, args[-1].shape)) + "]"
+    adds = [line for line in jaxpr.splitlines() if "add_any" in line and g_shape in line]
+    assert not adds, adds
 
 
 @pytest.mark.parametrize("vd", [True, False])

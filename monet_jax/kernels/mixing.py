@@ -223,9 +223,41 @@ def _vmem(shape, dtype):
 def hd_mix(p_bmEt, g1_bhEt, g2_bhEt):
     """HD: ``z[m, j] = sum_h g2[h, j] sum_i g1[h, i] relu2(p)[m, i]`` ``[b, m, E, t]`` in ``p``'s dtype,
     the input of ``v``. Reference: ``reference.hd_mix_reference`` (in the ``[n, E, m]`` layout)."""
-    h, m = g1_bhEt.shape[1], p_bmEt.shape[1]
-    return mix_pass(lanes.hd_reduce, (p_bmEt, g1_bhEt), lanes.hd_emit, (g2_bhEt,), h, m, 1,
-                    [((m,), p_bmEt.dtype)], name="monet_hd_mix_emit")[0]
+    return hd_forward(p_bmEt, g1_bhEt, g2_bhEt)
+
+
+def hd_forward(p, g1, g2):
+    h, m = g1.shape[1], p.shape[1]
+    return mix_pass(lanes.hd_reduce, (p, g1), lanes.hd_emit, (g2,), h, m, 1, [((m,), p.dtype)],
+                    name="monet_hd_mix_emit")[0]
+
+
+def hd_backward(p, g1, g2, dz, dg1_in=None, dg2_in=None, ds2=None):
+    """``(dp, dg1, dg2)``; ``dg1_in`` / ``dg2_in`` (``[b, H, E, t]``) and ``ds2`` (``[b, 1, E, t]``, the
+    gradient of ``sum_h g2``), where given, are added to ``dg1`` / ``dg2`` inside the kernel."""
+    h, m, dz = g1.shape[1], p.shape[1], dz.astype(p.dtype)
+    outs = [((m,), p.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
+    extra = [(a, i) for a, i in ((dg1_in, 1), (dg2_in, 2), (ds2, 2)) if a is not None]
+    emit = _adding(lanes.hd_emit_bwd, 3, [i for _, i in extra])
+    return tuple(mix_pass(lanes.hd_reduce_bwd, (p, g1, g2, dz), emit, (p, g1, dz, *(a for a, _ in extra)), h, m, 2,
+                          outs, name="monet_hd_mix_emit_bwd"))
+
+
+def _adding(emit_fn, n_in: int, targets: list[int]):
+    """``emit_fn`` over ``n_in`` emit inputs and the sums, taking one more block per ``targets`` entry after
+    its inputs and adding it (in float32, before the one cast to the output dtype) to output ``targets[i]``:
+    a routing group's gradients of ``g`` arrive in the kernel instead of being added outside."""
+    if not targets:
+        return emit_fn
+
+    def emit(*blocks):
+        more = blocks[n_in:n_in + len(targets)]
+        outs = list(emit_fn(*blocks[:n_in], *blocks[n_in + len(targets):]))
+        for i, a in zip(targets, more, strict=True):
+            outs[i] = outs[i] + a.astype(f32)
+        return tuple(outs)
+
+    return emit
 
 
 def _hd_fwd(p, g1, g2):
@@ -233,11 +265,7 @@ def _hd_fwd(p, g1, g2):
 
 
 def _hd_bwd(res, dz):
-    p, g1, g2 = res
-    h, m, dz = g1.shape[1], p.shape[1], dz.astype(p.dtype)
-    outs = [((m,), p.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
-    return tuple(mix_pass(lanes.hd_reduce_bwd, (p, g1, g2, dz), lanes.hd_emit_bwd, (p, g1, dz), h, m, 2, outs,
-                          name="monet_hd_mix_emit_bwd"))
+    return hd_backward(*res, dz)
 
 
 hd_mix.defvjp(_hd_fwd, _hd_bwd)
@@ -249,10 +277,26 @@ def vd_mix(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt):
     """VD: ``(top, bottom)``, each ``[b, 2, m, E, t]`` in ``p``'s dtype: the inputs of ``[v11; v12]`` and
     ``[v21; v22]`` (straight flow first for top, cross flow first for bottom). Reference:
     ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout)."""
-    args = (p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
-    h, m = g1_bhEt.shape[1], p1_bmEt.shape[1]
-    out = ((2, m), p1_bmEt.dtype)
+    return vd_forward(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
+
+
+def vd_forward(p1, p2, g1, g2):
+    args = (p1, p2, g1, g2)
+    h, m = g1.shape[1], p1.shape[1]
+    out = ((2, m), p1.dtype)
     return tuple(mix_pass(lanes.vd_reduce, args, lanes.vd_emit, args, h, m, 2, [out, out], name="monet_vd_mix_emit"))
+
+
+def vd_backward(p1, p2, g1, g2, dtop, dbot, dg1_in=None, dg2_in=None):
+    """``(dp1, dp2, dg1, dg2)``; ``dg1_in`` / ``dg2_in``, where given, are added to ``dg1`` / ``dg2`` inside
+    the kernel."""
+    h, m = g1.shape[1], p1.shape[1]
+    args = (p1, p2, g1, g2, dtop.astype(p1.dtype), dbot.astype(p1.dtype))
+    outs = [((m,), p1.dtype), ((m,), p2.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
+    extra = [(a, i) for a, i in ((dg1_in, 2), (dg2_in, 3)) if a is not None]
+    emit = _adding(lanes.vd_emit_bwd, 6, [i for _, i in extra])
+    return tuple(mix_pass(lanes.vd_reduce_bwd, args, emit, (*args, *(a for a, _ in extra)), h, m, 4, outs,
+                          name="monet_vd_mix_emit_bwd"))
 
 
 def _vd_fwd(*args):
@@ -260,12 +304,7 @@ def _vd_fwd(*args):
 
 
 def _vd_bwd(res, cot):
-    p1, p2, g1, g2 = res
-    h, m = g1.shape[1], p1.shape[1]
-    args = (*res, *(c.astype(p1.dtype) for c in cot))
-    outs = [((m,), p1.dtype), ((m,), p2.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
-    return tuple(mix_pass(lanes.vd_reduce_bwd, args, lanes.vd_emit_bwd, args, h, m, 4, outs,
-                          name="monet_vd_mix_emit_bwd"))
+    return vd_backward(*res, *cot)
 
 
 vd_mix.defvjp(_vd_fwd, _vd_bwd)

@@ -58,16 +58,20 @@ class VerticalExperts(nnx.Module):
         self.b2 = param(jnp.zeros((e, d // 2), param_dtype), ("experts", "embed"))
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None):
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None, carry=False):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
-        ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group)."""
+        ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group). ``carry``:
+        return ``(out, lanes_probs)`` with the ``lanes_probs`` the group's next layer takes (on the Pallas
+        path passed through the kernels, which then sum the group's gradients of ``g``: ``ops.vd_mix_carry``)."""
         impl = _impl(self, x_btd, g1_bthi, deleted)
         if impl in ("xla", "pallas"):
             g = lanes_probs or self.lanes_probs(*_to_lanes(g1_bthi, g2_bthj, self.compute_dtype))
-            return self._lanes(impl, x_btd, *g)
+            out, g = self._lanes(impl, x_btd, *g)
+            return (out, g) if carry else out
         w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
-        return vd_layer(x_btd, w, g1_bthi, g2_bthj, deleted, compute_dtype=self.compute_dtype,
-                        width=_sparse_width(self, x_btd, g1_bthi, impl))
+        out = vd_layer(x_btd, w, g1_bthi, g2_bthj, deleted, compute_dtype=self.compute_dtype,
+                       width=_sparse_width(self, x_btd, g1_bthi, impl))
+        return (out, lanes_probs) if carry else out
 
     @staticmethod
     def lanes_probs(g1_bhet, g2_bhet) -> tuple:
@@ -82,13 +86,17 @@ class VerticalExperts(nnx.Module):
         cd, e, m = self.compute_dtype, self.experts, self.half_dim
         p1 = constrain(lanes.up(x_btd, self.u1.kernel[...], self.u1.bias[...], e, cd), LANES_ACT)
         p2 = constrain(lanes.up(x_btd, self.u2.kernel[...], self.u2.bias[...], e, cd), LANES_ACT)
-        top, bot = kernel_ops.mixer(impl, vertical=True)(p1, p2, g1, g2)
+        if impl == "pallas":
+            top, bot, g1, g2 = kernel_ops.vd_mix_carry(p1, p2, g1, g2)
+        else:
+            top, bot = kernel_ops.mixer(impl, vertical=True)(p1, p2, g1, g2)
 
         def half(a, first, second, s_bet, bias):
             w = jnp.stack([getattr(self, first).kernel[...], getattr(self, second).kernel[...]]).reshape(2, e, m, -1)
             return lanes.down(a, w, cd) + jnp.einsum("bet,ed->btd", s_bet, bias[...].astype(cd))
 
-        return jnp.concatenate([half(top, "v11", "v12", s1, self.b1), half(bot, "v21", "v22", s2, self.b2)], axis=-1)
+        out = jnp.concatenate([half(top, "v11", "v12", s1, self.b1), half(bot, "v21", "v22", s2, self.b2)], axis=-1)
+        return out, (g1, g2, s1, s2)
 
 
 def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
@@ -147,19 +155,25 @@ class HorizontalExperts(nnx.Module):
         bias product; a group-wide sum cost the v4-64 step of the 1.4B model 0.6% more bytes."""
         return g1_bhet, g2_bhet
 
-    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None):
+    def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None, carry=False):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
-        ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group)."""
+        ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group). ``carry``:
+        return ``(out, lanes_probs)`` as :class:`VerticalExperts` does (``ops.hd_mix_carry``)."""
         cd = self.compute_dtype
         impl = _impl(self, x_btd, g1_bthi, deleted)
         if impl in ("xla", "pallas"):
             g1, g2 = lanes_probs or self.lanes_probs(*_to_lanes(g1_bthi, g2_bthj, cd))
             p = constrain(lanes.up(x_btd, self.u.kernel[...], self.u.bias[...], self.experts, cd), LANES_ACT)
-            z = kernel_ops.mixer(impl, vertical=False)(p, g1, g2)
+            if impl == "pallas":
+                z, s2, g1, g2 = kernel_ops.hd_mix_carry(p, g1, g2)
+            else:
+                z, s2 = kernel_ops.mixer(impl, vertical=False)(p, g1, g2), g2.sum(axis=1)
             w = self.v.kernel[...].reshape(self.experts, self.dim, -1)
-            return lanes.down(z, w, cd) + jnp.einsum("bet,ed->btd", g2.sum(axis=1), self.b[...].astype(cd))
-        return hd_layer(x_btd, _weights(self, "u", "v", "b"), g1_bthi, g2_bthj, deleted, compute_dtype=cd,
-                        width=_sparse_width(self, x_btd, g1_bthi, impl))
+            out = lanes.down(z, w, cd) + jnp.einsum("bet,ed->btd", s2, self.b[...].astype(cd))
+            return (out, (g1, g2)) if carry else out
+        out = hd_layer(x_btd, _weights(self, "u", "v", "b"), g1_bthi, g2_bthj, deleted, compute_dtype=cd,
+                       width=_sparse_width(self, x_btd, g1_bthi, impl))
+        return (out, lanes_probs) if carry else out
 
 
 def hd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):

@@ -63,7 +63,8 @@ class DecoderLayer(nnx.Module):
             probs = self.router.route(h_btd, lanes_dtype=self.moe.compute_dtype)
             probs = (*probs[:3], *self.moe.lanes_probs(*probs[3:]))
         deleted = None if self.deleted is None else self.deleted[...]
-        return x_btd + self.moe(h_btd, probs[0], probs[1], deleted=deleted, lanes_probs=probs[3:]), probs
+        out, lanes_probs = self.moe(h_btd, probs[0], probs[1], deleted=deleted, lanes_probs=probs[3:], carry=True)
+        return x_btd + out, (*probs[:3], *(lanes_probs or ()))
 
 
 class MonetModel(nnx.Module):
