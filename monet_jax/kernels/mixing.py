@@ -226,10 +226,16 @@ def hd_mix(p_bmEt, g1_bhEt, g2_bhEt):
     return hd_forward(p_bmEt, g1_bhEt, g2_bhEt)
 
 
-def hd_forward(p, g1, g2):
+def hd_forward(p, g1, g2, heads_sum: bool = False):
+    """``z``; with ``heads_sum``, ``(z, sum_h g2)`` (``[b, 1, E, t]``, the weights of the expert biases),
+    summed from the blocks of ``g2`` the kernel reads anyway instead of by another pass over ``g2``."""
     h, m = g1.shape[1], p.shape[1]
-    return mix_pass(lanes.hd_reduce, (p, g1), lanes.hd_emit, (g2,), h, m, 1, [((m,), p.dtype)],
-                    name="monet_hd_mix_emit")[0]
+    if not heads_sum:
+        return mix_pass(lanes.hd_reduce, (p, g1), lanes.hd_emit, (g2,), h, m, 1, [((m,), p.dtype)],
+                        name="monet_hd_mix_emit")[0]
+    emit = lambda g2_, y: (*lanes.hd_emit(g2_, y), lanes.heads_sum(g2_))  # noqa: E731
+    return tuple(mix_pass(lanes.hd_reduce, (p, g1), emit, (g2,), h, m, 1, [((m,), p.dtype), ((1,), g2.dtype)],
+                          name="monet_hd_mix_emit"))
 
 
 def hd_backward(p, g1, g2, dz, dg1_in=None, dg2_in=None, ds2=None):

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
@@ -46,11 +48,13 @@ def _given(ct):
 @jax.custom_vjp
 def hd_mix_carry(p_bmEt, g1_bhEt, g2_bhEt):
     """The Pallas HD mixing of one layer of a routing group: ``(z, s2, g1, g2)`` with ``s2 = sum_h g2``
-    ``[b, E, t]`` (the weights of the expert biases) and ``g1``, ``g2`` passed on unchanged for the group's
-    next layer to take from here. So the backward pass of a layer receives the gradients of ``g`` of the
-    group's later layers and adds its own (and ``s2``'s, broadcast over heads) inside the backward kernel,
-    instead of separate XLA adds over ``[b, H, E, t]`` for every layer but one."""
-    return _part(mixing.hd_forward, 3, 1)(p_bmEt, g1_bhEt, g2_bhEt), g2_bhEt.sum(axis=1), g1_bhEt, g2_bhEt
+    ``[b, E, t]`` (the weights of the expert biases, summed in the forward kernel) and ``g1``, ``g2``
+    passed on unchanged for the group's next layer to take from here. So the backward pass of a layer
+    receives the gradients of ``g`` of the group's later layers and adds its own (and ``s2``'s, broadcast
+    over heads) inside the backward kernel, instead of separate XLA adds over ``[b, H, E, t]`` for every
+    layer but one."""
+    z, s2 = _part(partial(mixing.hd_forward, heads_sum=True), 3, 2)(p_bmEt, g1_bhEt, g2_bhEt)
+    return z, s2[:, 0], g1_bhEt, g2_bhEt
 
 
 def _hd_carry_fwd(p, g1, g2):
