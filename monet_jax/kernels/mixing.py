@@ -219,20 +219,13 @@ def _vmem(shape, dtype):
 
 
 # -- HD -------------------------------------------------------------------------------------------------
-@jax.custom_vjp
-def hd_mix(p_bmEt, g1_bhEt, g2_bhEt):
-    """HD: ``z[m, j] = sum_h g2[h, j] sum_i g1[h, i] relu2(p)[m, i]`` ``[b, m, E, t]`` in ``p``'s dtype,
-    the input of ``v``. Reference: ``reference.hd_mix_reference`` (in the ``[n, E, m]`` layout)."""
-    return hd_forward(p_bmEt, g1_bhEt, g2_bhEt)
-
-
-def hd_forward(p, g1, g2, heads_sum: bool = False):
-    """``z``; with ``heads_sum``, ``(z, sum_h g2)`` (``[b, 1, E, t]``, the weights of the expert biases),
-    summed from the blocks of ``g2`` the kernel reads anyway instead of by another pass over ``g2``."""
+def hd_forward(p, g1, g2):
+    """HD: ``(z, sum_h g2)``: ``z[m, j] = sum_h g2[h, j] sum_i g1[h, i] relu2(p)[m, i]`` ``[b, m, E, t]`` in
+    ``p``'s dtype, the input of ``v``, and the weights of the expert biases ``[b, 1, E, t]``, summed from the
+    blocks of ``g2`` the kernel reads anyway instead of by another pass over ``g2``. Reference:
+    ``reference.hd_mix_reference`` (in the ``[n, E, m]`` layout). Differentiated through ``ops.hd_mix_carry``
+    with :func:`hd_backward`."""
     h, m = g1.shape[1], p.shape[1]
-    if not heads_sum:
-        return mix_pass(lanes.hd_reduce, (p, g1), lanes.hd_emit, (g2,), h, m, 1, [((m,), p.dtype)],
-                        name="monet_hd_mix_emit")[0]
     emit = lambda g2_, y: (*lanes.hd_emit(g2_, y), lanes.heads_sum(g2_))  # noqa: E731
     return tuple(mix_pass(lanes.hd_reduce, (p, g1), emit, (g2,), h, m, 1, [((m,), p.dtype), ((1,), g2.dtype)],
                           name="monet_hd_mix_emit"))
@@ -266,27 +259,12 @@ def _adding(emit_fn, n_in: int, targets: list[int]):
     return emit
 
 
-def _hd_fwd(p, g1, g2):
-    return hd_mix(p, g1, g2), (p, g1, g2)
-
-
-def _hd_bwd(res, dz):
-    return hd_backward(*res, dz)
-
-
-hd_mix.defvjp(_hd_fwd, _hd_bwd)
-
-
 # -- VD -------------------------------------------------------------------------------------------------
-@jax.custom_vjp
-def vd_mix(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt):
+def vd_forward(p1, p2, g1, g2):
     """VD: ``(top, bottom)``, each ``[b, 2, m, E, t]`` in ``p``'s dtype: the inputs of ``[v11; v12]`` and
     ``[v21; v22]`` (straight flow first for top, cross flow first for bottom). Reference:
-    ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout)."""
-    return vd_forward(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
-
-
-def vd_forward(p1, p2, g1, g2):
+    ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout). Differentiated through
+    ``ops.vd_mix_carry`` with :func:`vd_backward`."""
     args = (p1, p2, g1, g2)
     h, m = g1.shape[1], p1.shape[1]
     out = ((2, m), p1.dtype)
@@ -303,14 +281,3 @@ def vd_backward(p1, p2, g1, g2, dtop, dbot, dg1_in=None, dg2_in=None):
     emit = _adding(lanes.vd_emit_bwd, 6, [i for _, i in extra])
     return tuple(mix_pass(lanes.vd_reduce_bwd, args, emit, (*args, *(a for a, _ in extra)), h, m, 4, outs,
                           name="monet_vd_mix_emit_bwd"))
-
-
-def _vd_fwd(*args):
-    return vd_mix(*args), args
-
-
-def _vd_bwd(res, cot):
-    return vd_backward(*res, *cot)
-
-
-vd_mix.defvjp(_vd_fwd, _vd_bwd)

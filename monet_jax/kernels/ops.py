@@ -1,17 +1,15 @@
-"""Entry points the model calls for the kernels: the fused router and the mixing function of each ``moe_impl``
-(arrays in, arrays out). Under an active mesh each Pallas kernel runs per batch shard.
+"""Entry points the model calls for the Pallas kernels: the fused router and the mixing of a routing group's
+layers (arrays in, arrays out; the ``xla`` path calls :mod:`monet_jax.kernels.lanes` itself). Under an active
+mesh each kernel runs per batch shard.
 """
 
 from __future__ import annotations
-
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from monet_jax.kernels import dispatch, lanes, mixing
-from monet_jax.kernels.mixing import hd_mix, vd_mix
+from monet_jax.kernels import dispatch, mixing
 from monet_jax.kernels.router import fused_router
 
 
@@ -28,21 +26,33 @@ def router_probs(z_bhet, mean_h, var_h, sigma: float, eps: float, dtype):
     return g, col.sum(axis=0), amb.sum(axis=0)
 
 
-def mixer(impl: str, vertical: bool):
-    """The mixing function of the lane-dense layer (:mod:`monet_jax.kernels.lanes` arrays in and out):
-    the Pallas kernels per batch shard for ``pallas``, the same math as XLA fusions for ``xla``."""
-    if impl == "xla":
-        return lanes.vd_mix_lanes if vertical else lanes.hd_mix_lanes
-    n_in, n_out = (4, 2) if vertical else (3, 1)
-    return dispatch.partitioned(vd_mix if vertical else hd_mix, (True,) * n_in, (True,) * n_out)
-
-
 def _part(fn, n_in: int, n_out: int):
     return dispatch.partitioned(fn, (True,) * n_in, (True,) * n_out)
 
 
-def _given(ct):
-    return None if isinstance(ct, SymbolicZero) else ct
+def _primal(op):
+    """The forward rule of a carrying op: its outputs, and its inputs as the residuals."""
+    def fwd(*args):
+        args = tuple(a.value for a in args)  # symbolic_zeros=True wraps them
+        return op(*args), args
+
+    return fwd
+
+
+def _dense(ct):
+    """A cotangent as an array (zeros where JAX passed a symbolic zero)."""
+    return jnp.zeros(ct.shape, ct.dtype) if isinstance(ct, SymbolicZero) else ct
+
+
+def _backward(backward, args: tuple, accumulators: dict, n_out: int):
+    """``backward(*args, **accumulators)`` per batch shard, given only the accumulators that are not symbolic
+    zeros (the group's last layer gets none, so its kernel reads none)."""
+    given = {k: v for k, v in accumulators.items() if not isinstance(v, SymbolicZero)}
+
+    def run(*arrays):
+        return backward(*arrays[:len(args)], **dict(zip(given, arrays[len(args):], strict=True)))
+
+    return _part(run, len(args) + len(given), n_out)(*args, *given.values())
 
 
 @jax.custom_vjp
@@ -53,30 +63,18 @@ def hd_mix_carry(p_bmEt, g1_bhEt, g2_bhEt):
     receives the gradients of ``g`` of the group's later layers and adds its own (and ``s2``'s, broadcast
     over heads) inside the backward kernel, instead of separate XLA adds over ``[b, H, E, t]`` for every
     layer but one."""
-    z, s2 = _part(partial(mixing.hd_forward, heads_sum=True), 3, 2)(p_bmEt, g1_bhEt, g2_bhEt)
+    z, s2 = _part(mixing.hd_forward, 3, 2)(p_bmEt, g1_bhEt, g2_bhEt)
     return z, s2[:, 0], g1_bhEt, g2_bhEt
 
 
-def _hd_carry_fwd(p, g1, g2):
-    p, g1, g2 = p.value, g1.value, g2.value
-    return hd_mix_carry(p, g1, g2), (p, g1, g2)
-
-
 def _hd_carry_bwd(res, cts):
-    p, g1, g2 = res
+    g2 = res[2]
     dz, ds2, dg1_in, dg2_in = cts
-    dz = jnp.zeros(p.shape, p.dtype) if isinstance(dz, SymbolicZero) else dz
-    extra = {"dg1_in": _given(dg1_in), "dg2_in": _given(dg2_in),
-             "ds2": None if _given(ds2) is None else ds2[:, None].astype(g2.dtype)}
-    names = [k for k, v in extra.items() if v is not None]
-
-    def run(p, g1, g2, dz, *more):
-        return mixing.hd_backward(p, g1, g2, dz, **dict(zip(names, more, strict=True)))
-
-    return _part(run, 4 + len(names), 3)(p, g1, g2, dz, *(extra[k] for k in names))
+    ds2 = ds2 if isinstance(ds2, SymbolicZero) else ds2[:, None].astype(g2.dtype)
+    return _backward(mixing.hd_backward, (*res, _dense(dz)), {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds2": ds2}, 3)
 
 
-hd_mix_carry.defvjp(_hd_carry_fwd, _hd_carry_bwd, symbolic_zeros=True)
+hd_mix_carry.defvjp(_primal(hd_mix_carry), _hd_carry_bwd, symbolic_zeros=True)
 
 
 @jax.custom_vjp
@@ -87,24 +85,9 @@ def vd_mix_carry(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt):
     return top, bottom, g1_bhEt, g2_bhEt
 
 
-def _vd_carry_fwd(*args):
-    args = tuple(a.value for a in args)
-    return vd_mix_carry(*args), args
-
-
 def _vd_carry_bwd(res, cts):
-    p1 = res[0]
     dtop, dbot, dg1_in, dg2_in = cts
-    zero = (2, *p1.shape[1:])
-    dtop = jnp.zeros((p1.shape[0], *zero), p1.dtype) if isinstance(dtop, SymbolicZero) else dtop
-    dbot = jnp.zeros((p1.shape[0], *zero), p1.dtype) if isinstance(dbot, SymbolicZero) else dbot
-    extra = {"dg1_in": _given(dg1_in), "dg2_in": _given(dg2_in)}
-    names = [k for k, v in extra.items() if v is not None]
-
-    def run(p1, p2, g1, g2, dtop, dbot, *more):
-        return mixing.vd_backward(p1, p2, g1, g2, dtop, dbot, **dict(zip(names, more, strict=True)))
-
-    return _part(run, 6 + len(names), 4)(*res, dtop, dbot, *(extra[k] for k in names))
+    return _backward(mixing.vd_backward, (*res, _dense(dtop), _dense(dbot)), {"dg1_in": dg1_in, "dg2_in": dg2_in}, 4)
 
 
-vd_mix_carry.defvjp(_vd_carry_fwd, _vd_carry_bwd, symbolic_zeros=True)
+vd_mix_carry.defvjp(_primal(vd_mix_carry), _vd_carry_bwd, symbolic_zeros=True)

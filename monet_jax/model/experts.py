@@ -89,7 +89,7 @@ class VerticalExperts(nnx.Module):
         if impl == "pallas":
             top, bot, g1, g2 = kernel_ops.vd_mix_carry(p1, p2, g1, g2)
         else:
-            top, bot = kernel_ops.mixer(impl, vertical=True)(p1, p2, g1, g2)
+            top, bot = lanes.vd_mix_lanes(p1, p2, g1, g2)
 
         def half(a, first, second, s_bet, bias):
             w = jnp.stack([getattr(self, first).kernel[...], getattr(self, second).kernel[...]]).reshape(2, e, m, -1)
@@ -167,7 +167,7 @@ class HorizontalExperts(nnx.Module):
             if impl == "pallas":
                 z, s2, g1, g2 = kernel_ops.hd_mix_carry(p, g1, g2)
             else:
-                z, s2 = kernel_ops.mixer(impl, vertical=False)(p, g1, g2), g2.sum(axis=1)
+                z, s2 = lanes.hd_mix_lanes(p, g1, g2), g2.sum(axis=1)
             w = self.v.kernel[...].reshape(self.experts, self.dim, -1)
             out = lanes.down(z, w, cd) + jnp.einsum("bet,ed->btd", s2, self.b[...].astype(cd))
             return (out, (g1, g2)) if carry else out
