@@ -155,6 +155,41 @@ def test_router_projection_writes_the_mixing_layout(dtype):
     close(dw, np.einsum("btd,btk->dk", xs, ct_btk), tol)
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_expert_projections_in_the_mixing_layout(stacked):
+    """``lanes.up`` / ``lanes.down`` (products batched over rows, with their own backward products) are
+    ``x @ u + bias`` moved to ``[b, m, E, t]`` and the contraction of ``[b, (k,) m, E, t]`` with ``[(k,) E, m, d]``,
+    written here from NumPy in float64; so are the gradients of every input (37 tokens, 5 experts of 3)."""
+    b, t, d, e, m, k = 2, 37, 24, 5, 3, 2
+    keys = jax.random.split(jax.random.key(0), 7)
+    x = jax.random.normal(keys[0], (b, t, d))
+    u = jax.random.normal(keys[1], (d, e * m)) * 0.3
+    bias = jax.random.normal(keys[2], (e * m,))
+    a = jax.random.normal(keys[3], (b, k, m, e, t) if stacked else (b, m, e, t))
+    v = jax.random.normal(keys[4], (k, e, m, d) if stacked else (e, m, d)) * 0.3
+    ct_up, ct_down = jax.random.normal(keys[5], (b, m, e, t)), jax.random.normal(keys[6], (b, t, d))
+
+    p, up_vjp = jax.vjp(lambda x, u, bias: lanes.up(x, u, bias, e, jnp.float32), x, u, bias)
+    out, down_vjp = jax.vjp(lambda a, v: lanes.down(a, v, jnp.float32), a, v)
+    xs, us, bs, as_, vs, cu, cd = (np.asarray(z, np.float64) for z in (x, u, bias, a, v, ct_up, ct_down))
+    close(p, (xs @ us + bs).reshape(b, t, e, m).transpose(0, 3, 2, 1))
+    cu_btk = cu.transpose(0, 3, 2, 1).reshape(b, t, e * m)
+    close(up_vjp(ct_up), (cu_btk @ us.T, np.einsum("btd,btk->dk", xs, cu_btk), cu_btk.sum((0, 1))))
+    a_k = as_ if stacked else as_[:, None]
+    v_k = vs if stacked else vs[None]
+    a_btK = a_k.transpose(0, 4, 1, 3, 2).reshape(b, t, -1)  # (k, E, m) flattened, as v_k's rows
+    v_Kd = v_k.reshape(-1, d)
+    close(out, a_btK @ v_Kd)
+    da = (cd @ v_Kd.T).reshape(b, t, -1, e, m).transpose(0, 2, 4, 3, 1)
+    dv = np.einsum("btK,btd->Kd", a_btK, cd).reshape(v_k.shape)
+    close(down_vjp(ct_down), (da if stacked else da[:, 0], dv if stacked else dv[0]))
+    # The products write the layout themselves: no transpose of an activation-sized array either way.
+    jaxpr = jax.make_jaxpr(lambda x, u, bias, a, v: (jax.vjp(lambda *w: lanes.up(*w, e, jnp.float32), x, u, bias)[1](
+        ct_up), jax.vjp(lambda *w: lanes.down(*w, jnp.float32), a, v)[1](ct_down)))(x, u, bias, a, v)
+    moved = [q for q in jaxpr.jaxpr.eqns if q.primitive.name == "transpose" and q.outvars[0].aval.size >= b * t * e * m]
+    assert not moved, moved
+
+
 def test_router_tied_heads():
     """Head 0: every expert has the same logit (zero router weights): all pass, g = 1/E, and the
     ambiguity gradient splits over the tie. Head 1: two experts tie at the maximum."""

@@ -87,7 +87,7 @@ def _write(outs, values):
             o[...] = v.astype(o.dtype)
 
 
-def lanes_call(fn, chunked, sums, outs, *, name: str, reduce: bool = False):
+def lanes_call(fn, chunked, sums, outs, *, name: str, reduce: bool = False, major: tuple[int, ...] = ()):
     """Run ``fn(*chunked_blocks, *sums_blocks)`` over a ``(b, token block, expert chunk)`` grid.
 
     ``chunked``: ``[b, *lead, E, t]`` arrays, blocked over experts and tokens. ``sums``: ``[b, H, m, 1, t]``
@@ -105,15 +105,39 @@ def lanes_call(fn, chunked, sums, outs, *, name: str, reduce: bool = False):
         return pl.BlockSpec((None, *lead, 1, tb), lambda bi, ti, ei, n=n: (bi,) + (0,) * n + (0, ti))
 
     in_specs = [spec(a.shape[1:-2], True) for a in chunked] + [spec(a.shape[1:-2], False) for a in sums]
-    out_shape = [jax.ShapeDtypeStruct((b, *lead, 1 if reduce else e, tpad), dt) for lead, dt in outs]
-    out_specs = [spec(lead, not reduce) for lead, _ in outs]
+    out_shape = [_out_shape(b, lead, 1 if reduce else e, tpad, dt, i in major) for i, (lead, dt) in enumerate(outs)]
+    out_specs = [_major_spec(lead, ec, tb, lambda k: k) if i in major else spec(lead, not reduce)
+                 for i, (lead, _) in enumerate(outs)]
     semantics = ("parallel", "parallel", "arbitrary" if reduce else "parallel")
     results = pl.pallas_call(
         _kernel(fn, len(chunked) + len(sums), reduce), out_shape=out_shape, grid=(b, tpad // tb, e // ec),
         in_specs=in_specs, out_specs=out_specs, interpret=dispatch.interpret_mode(),
         compiler_params=dispatch.compiler_params(dispatch.target_platform(), semantics), name=name,
     )(*[pad(a) for a in (*chunked, *sums)])
-    return [r[..., :t] if tpad != t else r for r in results]
+    return _finish(results, outs, major, t)
+
+
+def _out_shape(b, lead, e, t, dtype, major: bool):
+    return jax.ShapeDtypeStruct((*lead, b, e, t) if major else (b, *lead, e, t), dtype)
+
+
+def _major_spec(lead, ec, tb, chunk_of):
+    """An output written as ``[*lead, b, E, t]`` (see :func:`mix_pass`'s ``major``)."""
+    n = len(lead)
+    return pl.BlockSpec((*lead, None, ec, tb), lambda bi, ti, k, n=n: (0,) * n + (bi, chunk_of(k), ti))
+
+
+def _finish(results, outs, major, t: int):
+    """Cut the token padding; outputs written lead-major come back as ``[b, *lead, E, t]`` (a transpose XLA
+    folds into the layout of their consumer)."""
+    done = []
+    for i, r in enumerate(results):
+        r = r[..., :t] if r.shape[-1] != t else r
+        if i in major:
+            n = len(outs[i][0])
+            r = jnp.moveaxis(r, n, 0)
+        done.append(r)
+    return done
 
 
 def _sums(fn, args, h: int, m: int, count: int, name: str):
@@ -176,7 +200,8 @@ def plan(r_args, e_args, h: int, m: int, n_sums: int, outs):
     return inputs, r_idx, e_idx, both, ec, tb
 
 
-def mix_pass(reduce_fn, r_args, emit_fn, e_args, h: int, m: int, n_sums: int, outs, *, name: str):
+def mix_pass(reduce_fn, r_args, emit_fn, e_args, h: int, m: int, n_sums: int, outs, *, name: str,
+             major: tuple[int, ...] = ()):
     """``emit_fn(*e_args_blocks, *sums)`` per expert chunk, where ``sums = reduce_fn(*r_args_blocks)``
     summed over all experts (``n_sums`` float32 ``[b, H, m, 1, t]``); ``outs`` as :func:`lanes_call`.
 
@@ -184,11 +209,15 @@ def mix_pass(reduce_fn, r_args, emit_fn, e_args, h: int, m: int, n_sums: int, ou
     ``2 * chunks`` steps per token block, the first half reducing (and copying its chunks to VMEM), the
     second emitting from those copies. Inputs of one phase only keep their block index through the other
     phase, so the pipeline fetches nothing for them there; outputs are written in the second half only.
-    Otherwise the reduce and emit passes run as two calls."""
+    Otherwise the reduce and emit passes run as two calls.
+
+    ``major``: outputs written as ``[*lead, b, E, t]`` and returned as ``[b, *lead, E, t]``: the layout in which
+    the sharded training step's product loops read the ``u``/``v`` operands (``m`` major), where XLA otherwise
+    copies each such output once more (TPU v4-64, Monet-HD 1.4B; BENCHMARKS.md)."""
     inputs, r_idx, e_idx, both, ec, tb = plan(r_args, e_args, h, m, n_sums, outs)
     if ec is None:
         sums = _sums(reduce_fn, r_args, h, m, n_sums, name.replace("emit", "reduce"))
-        return lanes_call(emit_fn, e_args, sums, outs, name=name)
+        return lanes_call(emit_fn, e_args, sums, outs, name=name, major=major)
     b, e, t = inputs[0].shape[0], inputs[0].shape[-2], inputs[0].shape[-1]
     nc, tpad = e // ec, -(-t // tb) * tb
     pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tpad - t)]) if tpad != t else a  # noqa: E731
@@ -199,8 +228,9 @@ def mix_pass(reduce_fn, r_args, emit_fn, e_args, h: int, m: int, n_sums: int, ou
 
     last, first = lambda k: jnp.minimum(k, nc - 1), lambda k: jnp.maximum(k - nc, 0)
     in_specs = [spec(a.shape[1:-2], last if i in r_idx else first) for i, a in enumerate(inputs)]
-    out_shape = [jax.ShapeDtypeStruct((b, *lead, e, tpad), dt) for lead, dt in outs]
-    out_specs = [spec(lead, first) for lead, _ in outs]
+    out_shape = [_out_shape(b, lead, e, tpad, dt, i in major) for i, (lead, dt) in enumerate(outs)]
+    out_specs = [_major_spec(lead, ec, tb, first) if i in major else spec(lead, first)
+                 for i, (lead, _) in enumerate(outs)]
     scratch = [_vmem((*inputs[i].shape[1:-2], e, tb), inputs[i].dtype) for i in both]
     scratch += [_vmem((h, m, 1, tb), f32) for _ in range(n_sums)]
     kernel = _one_pass_kernel(reduce_fn, emit_fn, r_idx, e_idx, both, len(inputs), len(outs), nc, ec)
@@ -209,7 +239,7 @@ def mix_pass(reduce_fn, r_args, emit_fn, e_args, h: int, m: int, n_sums: int, ou
         scratch_shapes=scratch, interpret=dispatch.interpret_mode(), name=name.replace("_emit", ""),
         compiler_params=dispatch.compiler_params(dispatch.target_platform(), ("parallel", "parallel", "arbitrary")),
     )(*[pad(a) for a in inputs])
-    return [r[..., :t] if tpad != t else r for r in results]
+    return _finish(results, outs, major, t)
 
 
 def _vmem(shape, dtype):
@@ -228,7 +258,7 @@ def hd_forward(p, g1, g2):
     h, m = g1.shape[1], p.shape[1]
     emit = lambda g2_, y: (*lanes.hd_emit(g2_, y), lanes.heads_sum(g2_))  # noqa: E731
     return tuple(mix_pass(lanes.hd_reduce, (p, g1), emit, (g2,), h, m, 1, [((m,), p.dtype), ((1,), g2.dtype)],
-                          name="monet_hd_mix_emit"))
+                          name="monet_hd_mix_emit", major=(0,)))
 
 
 def hd_backward(p, g1, g2, dz, dg1_in=None, dg2_in=None, ds2=None):
@@ -239,7 +269,7 @@ def hd_backward(p, g1, g2, dz, dg1_in=None, dg2_in=None, ds2=None):
     extra = [(a, i) for a, i in ((dg1_in, 1), (dg2_in, 2), (ds2, 2)) if a is not None]
     emit = _adding(lanes.hd_emit_bwd, 3, [i for _, i in extra])
     return tuple(mix_pass(lanes.hd_reduce_bwd, (p, g1, g2, dz), emit, (p, g1, dz, *(a for a, _ in extra)), h, m, 2,
-                          outs, name="monet_hd_mix_emit_bwd"))
+                          outs, name="monet_hd_mix_emit_bwd", major=(0,)))
 
 
 def _adding(emit_fn, n_in: int, targets: list[int]):
@@ -268,7 +298,8 @@ def vd_forward(p1, p2, g1, g2):
     args = (p1, p2, g1, g2)
     h, m = g1.shape[1], p1.shape[1]
     out = ((2, m), p1.dtype)
-    return tuple(mix_pass(lanes.vd_reduce, args, lanes.vd_emit, args, h, m, 2, [out, out], name="monet_vd_mix_emit"))
+    return tuple(mix_pass(lanes.vd_reduce, args, lanes.vd_emit, args, h, m, 2, [out, out], name="monet_vd_mix_emit",
+                          major=(0, 1)))
 
 
 def vd_backward(p1, p2, g1, g2, dtop, dbot, dg1_in=None, dg2_in=None):
@@ -280,4 +311,4 @@ def vd_backward(p1, p2, g1, g2, dtop, dbot, dg1_in=None, dg2_in=None):
     extra = [(a, i) for a, i in ((dg1_in, 2), (dg2_in, 3)) if a is not None]
     emit = _adding(lanes.vd_emit_bwd, 6, [i for _, i in extra])
     return tuple(mix_pass(lanes.vd_reduce_bwd, args, emit, (*args, *(a for a, _ in extra)), h, m, 4, outs,
-                          name="monet_vd_mix_emit_bwd"))
+                          name="monet_vd_mix_emit_bwd", major=(0, 1)))
