@@ -181,17 +181,19 @@ def down(a_bkmEt, w_kEmd, dtype):
 # gives ``[b, m, E, t]`` directly. Left to autodiff, the backward pass of ``down`` made ``dz`` as
 # ``[b, t, E, m]`` and the sharded training step transposed it, and ``up``'s output went through
 # ``[E, m, b, t]``: four copies of ``[b, m, E, t]`` per layer (TPU v4-64, Monet-HD 1.4B; BENCHMARKS.md).
-_DN_ROWS = lambda n: (((n,), (2,)), ((0,), (0,)))  # noqa: E731  weight [b, ..., d] . x [b, t, d] over d
+def _rows(w, b):
+    """``w`` broadcast to every row: ``[b, *w.shape]``."""
+    return jnp.broadcast_to(w, (b, *w.shape))
 
 
-def _rows(w_med, b):
-    return jnp.broadcast_to(w_med, (b, *w_med.shape))
+def _by_rows(w_rows, x_btd):
+    """``w [b, ..., d] . x [b, t, d]`` over ``d``, batched over rows: ``[b, ..., t]``."""
+    return jax.lax.dot_general(w_rows, x_btd, (((w_rows.ndim - 1,), (2,)), ((0,), (0,))))
 
 
 @jax.custom_vjp
 def _up(x_btd, w_dem):
-    w_med = jnp.moveaxis(w_dem, 0, -1).swapaxes(0, 1)
-    return jax.lax.dot_general(_rows(w_med, x_btd.shape[0]), x_btd, _DN_ROWS(3))
+    return _by_rows(_rows(jnp.transpose(w_dem, (2, 1, 0)), x_btd.shape[0]), x_btd)
 
 
 def _up_fwd(x_btd, w_dem):
@@ -200,8 +202,8 @@ def _up_fwd(x_btd, w_dem):
 
 def _up_bwd(res, dp_bmEt):
     x_btd, w_dem = res
-    w_med = jnp.moveaxis(w_dem, 0, -1).swapaxes(0, 1)
-    dx = jax.lax.dot_general(dp_bmEt, _rows(w_med, x_btd.shape[0]), (((1, 2), (1, 2)), ((0,), (0,))))
+    w_rows = _rows(jnp.transpose(w_dem, (2, 1, 0)), x_btd.shape[0])
+    dx = jax.lax.dot_general(dp_bmEt, w_rows, (((1, 2), (1, 2)), ((0,), (0,))))
     dw_dme = jax.lax.dot_general(x_btd, dp_bmEt, (((0, 1), (0, 3)), ((), ())))
     return dx.astype(x_btd.dtype), jnp.swapaxes(dw_dme, 1, 2).astype(w_dem.dtype)
 
@@ -222,10 +224,9 @@ def _down_fwd(a, w):
 
 def _down_bwd(res, dout_btd):
     a, w = res
-    n = a.ndim - 1  # a's axes after the batch: ((k,) m, E, t); w's: ((k,) E, m, d)
-    w_kmEd = jnp.swapaxes(w, -3, -2)
-    da = jax.lax.dot_general(_rows(w_kmEd, a.shape[0]), dout_btd.astype(a.dtype), _DN_ROWS(n))
-    dw = jax.lax.dot_general(a, dout_btd.astype(a.dtype), (((0, n), (0, 1)), ((), ())))  # [(k,) m, E, d]
+    n, dout = a.ndim - 1, dout_btd.astype(a.dtype)  # a's axes after the batch: ((k,) m, E, t); w's: ((k,) E, m, d)
+    da = _by_rows(_rows(jnp.swapaxes(w, -3, -2), a.shape[0]), dout)
+    dw = jax.lax.dot_general(a, dout, (((0, n), (0, 1)), ((), ())))  # [(k,) m, E, d]
     return da.astype(a.dtype), jnp.swapaxes(dw, -3, -2).astype(w.dtype)
 
 

@@ -93,6 +93,7 @@ def lanes_call(fn, chunked, sums, outs, *, name: str, reduce: bool = False, majo
     ``chunked``: ``[b, *lead, E, t]`` arrays, blocked over experts and tokens. ``sums``: ``[b, H, m, 1, t]``
     float32 (whole over experts). ``outs``: ``(lead, dtype)`` per output, ``[b, *lead, E, t]``; with
     ``reduce``, ``[b, *lead, 1, t]`` sums over the expert chunks instead."""
+    assert not (reduce and major), "reduce passes write [b, *lead, 1, t] sums, not lead-major outputs"
     b, e, t = chunked[0].shape[0], chunked[0].shape[-2], chunked[0].shape[-1]
     ec, tb = _sizes(e, t, footprint(chunked, outs, reduce))
     tpad = -(-t // tb) * tb
