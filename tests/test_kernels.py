@@ -138,19 +138,23 @@ def test_router_projection_writes_the_mixing_layout(dtype):
     """``project_lanes`` (a product batched over rows with ``w`` broadcast) is ``x @ w`` reshaped to
     ``[b, t, H, E]`` and moved to ``[b, H, E, t]``, written here from NumPy in float64 on the same
     ``dtype``-rounded inputs; so are its gradients in ``x`` and ``w`` (float32 accumulation: 1e-5 in float32;
-    the bfloat16 gradients are rounded once, as the plain product's are)."""
+    the bfloat16 gradients are rounded once, as the plain product's are). The logits come out in ``dtype``:
+    the float32 sum rounded once, as upstream's projection in the model dtype."""
     b, t, d, h, e = 3, 37, 24, 2, 20
     x = jax.random.normal(jax.random.key(0), (b, t, d)).astype(dtype)
     w = jax.random.normal(jax.random.key(1), (d, h * e)) * 0.3
     ct = jax.random.normal(jax.random.key(2), (b, h, e, t))
+    ct = ct.astype(dtype)
     z, vjp = jax.vjp(lambda x, w: project_lanes(x, w, h, dtype), x, w)
     dx, dw = vjp(ct)
     xs, ws, cts = (np.asarray(a, np.float64) for a in (x, w.astype(dtype), ct))
     want = (xs @ ws).reshape(b, t, h, e).transpose(0, 2, 3, 1)
     ct_btk = cts.transpose(0, 3, 1, 2).reshape(b, t, h * e)
-    assert z.dtype == jnp.float32 and z.shape == (b, h, e, t)
+    assert z.dtype == dtype and z.shape == (b, h, e, t)
     tol = 1e-5 if dtype == jnp.float32 else BF16_TOL
-    close(z, want, 1e-5)  # float32 accumulation of exact products either way
+    # float32 accumulation of exact products, then one rounding to dtype (half a bfloat16 ulp: 2**-8 relative)
+    rtol = 1e-5 if dtype == jnp.float32 else 2.0**-8 + 1e-5
+    np.testing.assert_allclose(np.asarray(z, np.float64), want, rtol=rtol, atol=1e-6)
     close(dx, ct_btk @ ws.T, tol)
     close(dw, np.einsum("btd,btk->dk", xs, ct_btk), tol)
 
@@ -212,8 +216,33 @@ def test_router_tied_heads():
 MIX_SHAPES = [(2, 19, 3, 48, 3), (1, 3, 1, 12, 6), (1, 5, 8, 512, 8)]
 
 
-# The Pallas mixing as one layer calls it (the carrying op), its passed-on g unused: (top, bottom) / z.
-PALLAS_MIX = {True: lambda *a: kernel_ops.vd_mix_carry(*a)[:2], False: lambda *a: kernel_ops.hd_mix_carry(*a)[0]}
+# The Pallas mixing as one layer calls it: the carrying op, with the layer's v products (VD: the two output halves
+# of [v11; v12] and [v21; v22]; HD: v's, and the expert biases), its passed-on g unused.
+PALLAS_MIX = {True: lambda *a: kernel_ops.vd_experts_carry(*a)[:2],
+              False: lambda *a: kernel_ops.hd_experts_carry(*a)[0]}
+V_OUT = 6  # the v products' output width in these tests
+
+
+def v_weights(shape, vd: bool, seed: int = 11, dtype=jnp.float32):
+    """Random ``v`` weights: VD ``[2, E, m, d]`` per output half (two); HD ``[E, m, d]`` and the expert biases
+    ``[E, d]``."""
+    e, m = shape[3:]
+    keys = jax.random.split(jax.random.key(seed), 2)
+    shapes = [(2, e, m, V_OUT)] * 2 if vd else [(e, m, V_OUT), (e, V_OUT)]
+    return tuple(jax.random.normal(k, s).astype(dtype) for k, s in zip(keys, shapes, strict=True))
+
+
+def with_v(ref, vd: bool):
+    """A reference mixing (``[n, (k,) E, m]`` outputs) followed by the ``v`` products (HD: and the biases weighted
+    by ``sum_h g2``), ``[n, d]`` each: what the carrying ops return, from the mixing references and einsums."""
+    def run(*args):
+        outs = ref(*args[:-2])
+        if vd:
+            return tuple(jnp.einsum("nkem,kemd->nd", a, w) for a, w in zip(outs, args[-2:], strict=True))
+        g2, (w, bias) = args[-3], args[-2:]
+        return jnp.einsum("nem,emd->nd", outs, w) + jnp.einsum("nhe,ed->nd", g2, bias)
+
+    return run
 
 
 @pytest.fixture
@@ -223,18 +252,21 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(mixing, "VMEM_BUDGET", 1 << 14)
 
 
-def lanes_fn(fn, b: int, t: int):
-    """``fn`` on the lane-dense layout, called with the references' ``[n, E, m]`` / ``[n, H, E]`` arrays."""
+def lanes_fn(fn, b: int, t: int, n_w: int = 0):
+    """``fn`` on the lane-dense layout, called with the references' ``[n, E, m]`` / ``[n, H, E]`` arrays (and
+    ``n_w`` weights after them, passed as they are); ``[b, t, d]`` outputs come back as ``[n, d]``."""
     to_p = lambda a: a.reshape(b, t, *a.shape[1:]).transpose(0, 3, 2, 1)  # noqa: E731  [n,E,m] -> [b,m,E,t]
     to_g = lambda a: a.reshape(b, t, *a.shape[1:]).transpose(0, 2, 3, 1)  # noqa: E731  [n,H,E] -> [b,H,E,t]
 
     def from_lanes(a):  # [b, (k,) m, E, t] -> [n, (k,) E, m]
+        if a.ndim == 3:  # a v product [b, t, d]
+            return a.reshape(b * t, -1)
         a = jnp.moveaxis(a, -1, 1)  # [b, t, (k,) m, E]
         return jnp.swapaxes(a, -1, -2).reshape(b * t, *a.shape[2:-2], a.shape[-1], a.shape[-2])
 
     def run(*args):
-        n_p = len(args) - 2
-        out = fn(*(to_p(a) for a in args[:n_p]), *(to_g(g) for g in args[n_p:]))
+        n_p = len(args) - 2 - n_w
+        out = fn(*(to_p(a) for a in args[:n_p]), *(to_g(g) for g in args[n_p:n_p + 2]), *args[n_p + 2:])
         return jax.tree.map(from_lanes, out)
 
     return run
@@ -254,18 +286,22 @@ def mixing_args(shape, vd: bool, tied: bool = False, seed: int = 3, dtype=jnp.fl
 @pytest.mark.parametrize("shape", MIX_SHAPES)
 @pytest.mark.parametrize("vd", [True, False])
 def test_mixing_matches_reference(small_blocks, vd, shape, impl):
-    """Outputs and gradients of the Pallas kernels (interpreted) and of the XLA path equal the references."""
+    """Outputs and gradients of the Pallas kernels (interpreted; with the layer's ``v`` products, whose weights
+    get gradients too) and of the XLA mixing equal the references."""
     b, t, h, e, m = shape
     if not vd and e == 512:
         shape = (b, t, h, e, 2 * m)  # HD's units are the whole moe_dim (16 at 1.4B)
-    fns = {(True, "pallas"): PALLAS_MIX[True], (False, "pallas"): PALLAS_MIX[False],
-           (True, "xla"): lanes.vd_mix_lanes, (False, "xla"): lanes.hd_mix_lanes}
     ref = vd_mix_reference if vd else hd_mix_reference
-    fn = lanes_fn(fns[vd, impl], shape[0], shape[1])
-    if impl == "pallas":  # one call per pass: the inputs cross memory once
-        names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(fn)(*mixing_args(shape, vd))))
-        assert names == [f"monet_{'vd' if vd else 'hd'}_mix"]
-    check_vjp(fn, ref, mixing_args(shape, vd))
+    args = mixing_args(shape, vd)
+    if impl == "pallas":
+        args, ref = (*args, *v_weights(shape, vd)), with_v(ref, vd)
+        fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], 2)
+        # one call per pass (the inputs cross memory once); the forward again in the backward, m-major
+        names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1](ref(*a)))(*args)))
+        assert names == [f"monet_{'vd' if vd else 'hd'}_mix"] * 2 + [f"monet_{'vd' if vd else 'hd'}_mix_bwd"]
+    else:
+        fn = lanes_fn(lanes.vd_mix_lanes if vd else lanes.hd_mix_lanes, shape[0], shape[1])
+    check_vjp(fn, ref, args)
 
 
 @pytest.mark.parametrize("shape", [MIX_SHAPES[0], MIX_SHAPES[2]])
@@ -275,10 +311,11 @@ def test_mixing_in_two_calls_matches_reference(small_blocks, monkeypatch, vd, sh
     monkeypatch.setattr(mixing, "VMEM_LIMIT", 0)
     if not vd and shape[3] == 512:
         shape = (*shape[:4], 2 * shape[4])
-    fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1])
-    names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(fn)(*mixing_args(shape, vd))))
+    fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], 2)
+    args = (*mixing_args(shape, vd), *v_weights(shape, vd))
+    names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(fn)(*args)))
     assert names == [f"monet_{'vd' if vd else 'hd'}_mix_reduce", f"monet_{'vd' if vd else 'hd'}_mix_emit"]
-    check_vjp(fn, vd_mix_reference if vd else hd_mix_reference, mixing_args(shape, vd))
+    check_vjp(fn, with_v(vd_mix_reference if vd else hd_mix_reference, vd), args)
 
 
 def to_lanes_layout(args, b: int, t: int):
@@ -298,18 +335,24 @@ def test_mixing_carry_sums_the_groups_gradients_of_g(small_blocks, monkeypatch, 
     if two_calls:
         monkeypatch.setattr(mixing, "VMEM_LIMIT", 0)
     b, t = MIX_SHAPES[0][:2]
-    args = to_lanes_layout(mixing_args(MIX_SHAPES[0], vd), b, t)
-    if vd:
-        fn = kernel_ops.vd_mix_carry
-        ref = lambda p1, p2, g1, g2: (*lanes.vd_mix_lanes(p1, p2, g1, g2), g1, g2)  # noqa: E731
-    else:
-        fn = kernel_ops.hd_mix_carry
-        ref = lambda p, g1, g2: (lanes.hd_mix_lanes(p, g1, g2), g2.sum(axis=1), g1, g2)  # noqa: E731
-    keep = slice(None) if g_used else slice(0, 2)
+    args = (*to_lanes_layout(mixing_args(MIX_SHAPES[0], vd), b, t), *v_weights(MIX_SHAPES[0], vd))
+    fn = kernel_ops.vd_experts_carry if vd else kernel_ops.hd_experts_carry
+    ref = lambda *a: (*plain_experts(vd, *a), *a[1 + vd:3 + vd])  # noqa: E731  (out(s), g1, g2)
+    keep = slice(None) if g_used else slice(0, 1 + vd)
     check_vjp(lambda *a: fn(*a)[keep], lambda *a: ref(*a)[keep], args)
     out = fn(*args)
-    for passed, g in zip(out[2:], args[-2:], strict=True):
+    for passed, g in zip(out[1 + vd:], args[1 + vd:3 + vd], strict=True):
         np.testing.assert_array_equal(np.asarray(passed), np.asarray(g))
+
+
+def plain_experts(vd: bool, *args) -> tuple:
+    """The XLA mixing and ``v`` products of a layer in the lanes layout (HD: with the expert biases), as the
+    carrying ops return them."""
+    if vd:
+        p1, p2, g1, g2, w_top, w_bottom = args
+        return tuple(lanes.down_product(a, w) for a, w in zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bottom)))
+    p, g1, g2, w, bias = args
+    return (lanes.down_product(lanes.hd_mix_lanes(p, g1, g2), w) + lanes.bias_product(g2.sum(axis=1), bias),)
 
 
 @pytest.mark.parametrize("vd", [True, False])
@@ -320,9 +363,9 @@ def test_a_routing_group_sums_its_gradients_of_g_in_the_kernels(small_blocks, vd
     gradients, of the same shape at these sizes, can stand in for one of ``g``'s.)"""
     b, t = MIX_SHAPES[0][:2]
     args = to_lanes_layout(mixing_args(MIX_SHAPES[0], vd), b, t)
-    n_p = len(args) - 2
-    carry = kernel_ops.vd_mix_carry if vd else kernel_ops.hd_mix_carry
-    plain = lanes.vd_mix_lanes if vd else (lambda p, g1, g2: (lanes.hd_mix_lanes(p, g1, g2), g2.sum(axis=1)))
+    n_p, w = len(args) - 2, v_weights(MIX_SHAPES[0], vd)
+    carry = lambda *a: (kernel_ops.vd_experts_carry if vd else kernel_ops.hd_experts_carry)(*a, *w)  # noqa: E731
+    plain = lambda *a: plain_experts(vd, *a, *w)  # noqa: E731
 
     def group(fn, passes: bool):
         def loss(*a):
@@ -346,8 +389,9 @@ def test_a_routing_group_sums_its_gradients_of_g_in_the_kernels(small_blocks, vd
 def test_mixing_tied_heads(small_blocks, vd):
     """All heads routing alike: the sums over heads and the head mixtures still match the reference."""
     shape = (1, 11, 4, 32, 3)
-    fn = lanes_fn(PALLAS_MIX[vd], 1, 11)
-    check_vjp(fn, vd_mix_reference if vd else hd_mix_reference, mixing_args(shape, vd, tied=True))
+    fn = lanes_fn(PALLAS_MIX[vd], 1, 11, 2)
+    args = (*mixing_args(shape, vd, tied=True), *v_weights(shape, vd))
+    check_vjp(fn, with_v(vd_mix_reference if vd else hd_mix_reference, vd), args)
 
 
 @pytest.mark.parametrize("vd", [False, True])
@@ -356,9 +400,10 @@ def test_mixing_bfloat16(small_blocks, vd):
     the same inputs."""
     b, t, h, e, m = 2, 13, 2, 32, 4
     args = mixing_args((b, t, h, e, m), vd, seed=5, dtype=jnp.bfloat16)
-    args = (*args[:-2], *(g.astype(jnp.bfloat16) for g in args[-2:]))
-    fn = lanes_fn(PALLAS_MIX[vd], b, t)
-    ref = vd_mix_reference if vd else hd_mix_reference
+    args = (*args[:-2], *(g.astype(jnp.bfloat16) for g in args[-2:]),
+            *v_weights((b, t, h, e, m), vd, dtype=jnp.bfloat16))
+    fn = lanes_fn(PALLAS_MIX[vd], b, t, 2)
+    ref = with_v(vd_mix_reference if vd else hd_mix_reference, vd)
     ct = jax.tree.map(lambda c: c.astype(jnp.bfloat16), cotangent(jax.eval_shape(fn, *args)))
     out, grads = value_and_vjp(fn, args, ct)
     assert all(o.dtype == jnp.bfloat16 for o in jax.tree.leaves((out, grads)))

@@ -211,11 +211,37 @@ def _up_bwd(res, dp_bmEt):
 _up.defvjp(_up_fwd, _up_bwd)
 
 
-@jax.custom_vjp
-def _down(a_bkmEt, w_kEmd):
+def down_product(a_bkmEt, w_kEmd):
+    """``sum_{(k,) m, e} a[b, (k,) m, e, t] w[(k,) e, m, d]`` -> ``[b, t, d]`` (both in the compute dtype)."""
     if a_bkmEt.ndim == 4:
         return jnp.einsum("bmet,emd->btd", a_bkmEt, w_kEmd)
     return jnp.einsum("bkmet,kemd->btd", a_bkmEt, w_kEmd)
+
+
+def down_grads(a_bkmEt, w_kEmd, dout_btd):
+    """``(da, dw)`` of :func:`down_product`: ``da`` ``[b, (k,) m, E, t]`` as a product batched over rows (its
+    natural layout), ``dw`` one contraction over rows and tokens."""
+    n, dout = a_bkmEt.ndim - 1, dout_btd.astype(a_bkmEt.dtype)  # a's axes after b: ((k,) m, E, t); w's: ((k,) E, m, d)
+    da = _by_rows(_rows(jnp.swapaxes(w_kEmd, -3, -2), a_bkmEt.shape[0]), dout)
+    dw = jax.lax.dot_general(a_bkmEt, dout, (((0, n), (0, 1)), ((), ())))  # [(k,) m, E, d]
+    return da.astype(a_bkmEt.dtype), jnp.swapaxes(dw, -3, -2).astype(w_kEmd.dtype)
+
+
+def bias_product(s_bEt, bias_Ed):
+    """The expert biases weighted by ``s = sum_h g`` ``[b, E, t]``: ``[b, t, d]``."""
+    return jnp.einsum("bet,ed->btd", s_bEt, bias_Ed)
+
+
+def bias_grads(s_bEt, bias_Ed, dout_btd):
+    """``(ds, dbias)`` of :func:`bias_product`, ``ds`` ``[b, E, t]`` as a product batched over rows."""
+    dout = dout_btd.astype(bias_Ed.dtype)
+    ds = _by_rows(_rows(bias_Ed, s_bEt.shape[0]), dout)
+    return ds.astype(s_bEt.dtype), jnp.einsum("bet,btd->ed", s_bEt, dout).astype(bias_Ed.dtype)
+
+
+@jax.custom_vjp
+def _down(a_bkmEt, w_kEmd):
+    return down_product(a_bkmEt, w_kEmd)
 
 
 def _down_fwd(a, w):
@@ -223,11 +249,7 @@ def _down_fwd(a, w):
 
 
 def _down_bwd(res, dout_btd):
-    a, w = res
-    n, dout = a.ndim - 1, dout_btd.astype(a.dtype)  # a's axes after the batch: ((k,) m, E, t); w's: ((k,) E, m, d)
-    da = _by_rows(_rows(jnp.swapaxes(w, -3, -2), a.shape[0]), dout)
-    dw = jax.lax.dot_general(a, dout, (((0, n), (0, 1)), ((), ())))  # [(k,) m, E, d]
-    return da.astype(a.dtype), jnp.swapaxes(dw, -3, -2).astype(w.dtype)
+    return down_grads(*res, dout_btd)
 
 
 _down.defvjp(_down_fwd, _down_bwd)

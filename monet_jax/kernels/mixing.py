@@ -250,16 +250,17 @@ def _vmem(shape, dtype):
 
 
 # -- HD -------------------------------------------------------------------------------------------------
-def hd_forward(p, g1, g2):
+def hd_forward(p, g1, g2, m_major: bool = True):
     """HD: ``(z, sum_h g2)``: ``z[m, j] = sum_h g2[h, j] sum_i g1[h, i] relu2(p)[m, i]`` ``[b, m, E, t]`` in
     ``p``'s dtype, the input of ``v``, and the weights of the expert biases ``[b, 1, E, t]``, summed from the
-    blocks of ``g2`` the kernel reads anyway instead of by another pass over ``g2``. Reference:
-    ``reference.hd_mix_reference`` (in the ``[n, E, m]`` layout). Differentiated through ``ops.hd_mix_carry``
-    with :func:`hd_backward`."""
+    blocks of ``g2`` the kernel reads anyway instead of by another pass over ``g2``. ``m_major``: ``z`` written
+    as ``[m, b, E, t]`` (:func:`mix_pass`'s ``major``: what the weight gradient reads; the forward product
+    reads it row-major). Reference: ``reference.hd_mix_reference`` (in the ``[n, E, m]`` layout).
+    Differentiated through ``ops.hd_experts_carry`` with :func:`hd_backward`."""
     h, m = g1.shape[1], p.shape[1]
     emit = lambda g2_, y: (*lanes.hd_emit(g2_, y), lanes.heads_sum(g2_))  # noqa: E731
     return tuple(mix_pass(lanes.hd_reduce, (p, g1), emit, (g2,), h, m, 1, [((m,), p.dtype), ((1,), g2.dtype)],
-                          name="monet_hd_mix_emit", major=(0,)))
+                          name="monet_hd_mix_emit", major=(0,) if m_major else ()))
 
 
 def hd_backward(p, g1, g2, dz, dg1_in=None, dg2_in=None, ds2=None):
@@ -291,16 +292,16 @@ def _adding(emit_fn, n_in: int, targets: list[int]):
 
 
 # -- VD -------------------------------------------------------------------------------------------------
-def vd_forward(p1, p2, g1, g2):
+def vd_forward(p1, p2, g1, g2, m_major: bool = True):
     """VD: ``(top, bottom)``, each ``[b, 2, m, E, t]`` in ``p``'s dtype: the inputs of ``[v11; v12]`` and
-    ``[v21; v22]`` (straight flow first for top, cross flow first for bottom). Reference:
-    ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout). Differentiated through
-    ``ops.vd_mix_carry`` with :func:`vd_backward`."""
+    ``[v21; v22]`` (straight flow first for top, cross flow first for bottom); ``m_major`` as in
+    :func:`hd_forward`. Reference: ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout).
+    Differentiated through ``ops.vd_experts_carry`` with :func:`vd_backward`."""
     args = (p1, p2, g1, g2)
     h, m = g1.shape[1], p1.shape[1]
     out = ((2, m), p1.dtype)
     return tuple(mix_pass(lanes.vd_reduce, args, lanes.vd_emit, args, h, m, 2, [out, out], name="monet_vd_mix_emit",
-                          major=(0, 1)))
+                          major=(0, 1) if m_major else ()))
 
 
 def vd_backward(p1, p2, g1, g2, dtop, dbot, dg1_in=None, dg2_in=None):

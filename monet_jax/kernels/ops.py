@@ -5,16 +5,19 @@ mesh each kernel runs per batch shard.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from monet_jax.kernels import dispatch, mixing
+from monet_jax.kernels import dispatch, lanes, mixing
 from monet_jax.kernels.router import fused_router
 
 
 def router_probs(z_bhet, mean_h, var_h, sigma: float, eps: float, dtype):
-    """``g`` ``[b, H, E, t]`` in the mixing ``dtype`` from raw float32 logits ``[b, H, E, t]`` and the (global)
+    """``g`` ``[b, H, E, t]`` in the mixing ``dtype`` from raw logits ``[b, H, E, t]`` (read in their dtype, computed
+    on in float32 inside the kernel; their gradient comes back in that dtype) and the (global)
     BatchNorm statistics, with the kernel's token sums for the aux losses: ``sum_bt g`` ``[H, E]`` and
     ``sum_bt (1 - max_e g)`` ``[H]``."""
     def run(z, mean, var):
@@ -22,7 +25,7 @@ def router_probs(z_bhet, mean_h, var_h, sigma: float, eps: float, dtype):
         return g, col[None], amb[None]  # per shard; summed over shards below
 
     g, col, amb = dispatch.partitioned(run, (True, False, False), (True, True, True))(
-        z_bhet.astype(jnp.float32), mean_h, var_h)
+        z_bhet, mean_h, var_h)
     return g, col.sum(axis=0), amb.sum(axis=0)
 
 
@@ -55,39 +58,56 @@ def _backward(backward, args: tuple, accumulators: dict, n_out: int):
     return _part(run, len(args) + len(given), n_out)(*args, *given.values())
 
 
+# The carrying ops cover a layer's mixing and its ``v`` product(s): the forward pass writes the mixing's output
+# row-major for the product it feeds, and the backward rule runs the mixing forward again itself, ``m``-major for
+# the weight gradient (the layer is rematerialized anyway). Differentiated apart, the one forward kernel served
+# both and XLA copied its output for one of them (TPU v4-64: a copy of the ``v`` inputs per layer; BENCHMARKS.md).
 @jax.custom_vjp
-def hd_mix_carry(p_bmEt, g1_bhEt, g2_bhEt):
-    """The Pallas HD mixing of one layer of a routing group: ``(z, s2, g1, g2)`` with ``s2 = sum_h g2``
-    ``[b, E, t]`` (the weights of the expert biases, summed in the forward kernel) and ``g1``, ``g2``
-    passed on unchanged for the group's next layer to take from here. So the backward pass of a layer
-    receives the gradients of ``g`` of the group's later layers and adds its own (and ``s2``'s, broadcast
-    over heads) inside the backward kernel, instead of separate XLA adds over ``[b, H, E, t]`` for every
-    layer but one."""
-    z, s2 = _part(mixing.hd_forward, 3, 2)(p_bmEt, g1_bhEt, g2_bhEt)
-    return z, s2[:, 0], g1_bhEt, g2_bhEt
+def hd_experts_carry(p_bmEt, g1_bhEt, g2_bhEt, w_Emd, bias_Ed):
+    """The Pallas HD mixing, ``v`` product and expert biases of one layer of a routing group: ``(out, g1, g2)``
+    with ``out`` ``[b, t, d]`` and ``g1``, ``g2`` passed on unchanged for the group's next layer to take from
+    here. So the backward pass of a layer receives the gradients of ``g`` of the group's later layers and adds
+    its own (and those of the biases' weights ``sum_h g2``, broadcast over heads) inside the backward kernel,
+    instead of separate XLA adds over ``[b, H, E, t]`` for every layer but one. ``sum_h g2`` comes from the
+    forward kernel, which reads ``g2`` anyway; the biases are inside the op so that its backward rule, not a
+    rematerialized forward, makes it again for their gradient. ``w``: ``v`` as ``[E, m, d]`` and ``bias``
+    ``[E, d]``, in the compute dtype."""
+    z, s2 = _part(partial(mixing.hd_forward, m_major=False), 3, 2)(p_bmEt, g1_bhEt, g2_bhEt)
+    return lanes.down_product(z, w_Emd) + lanes.bias_product(s2[:, 0], bias_Ed), g1_bhEt, g2_bhEt
 
 
 def _hd_carry_bwd(res, cts):
-    g2 = res[2]
-    dz, ds2, dg1_in, dg2_in = cts
-    ds2 = ds2 if isinstance(ds2, SymbolicZero) else ds2[:, None].astype(g2.dtype)
-    return _backward(mixing.hd_backward, (*res, _dense(dz)), {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds2": ds2}, 3)
+    p, g1, g2, w, bias = res
+    dout, dg1_in, dg2_in = cts
+    dout = _dense(dout).astype(p.dtype)
+    z, s2 = _part(mixing.hd_forward, 3, 2)(p, g1, g2)
+    dz, dw = lanes.down_grads(z, w, dout)
+    ds2, dbias = lanes.bias_grads(s2[:, 0], bias, dout)
+    ds2 = ds2[:, None]
+    grads = _backward(mixing.hd_backward, (p, g1, g2, dz), {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds2": ds2}, 3)
+    return (*grads, dw, dbias)
 
 
-hd_mix_carry.defvjp(_primal(hd_mix_carry), _hd_carry_bwd, symbolic_zeros=True)
+hd_experts_carry.defvjp(_primal(hd_experts_carry), _hd_carry_bwd, symbolic_zeros=True)
 
 
 @jax.custom_vjp
-def vd_mix_carry(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt):
-    """The Pallas VD mixing of one layer of a routing group: ``(top, bottom, g1, g2)``, ``g`` passed on as
-    in :func:`hd_mix_carry` so the group's gradients of ``g`` are summed inside the backward kernels."""
-    top, bottom = _part(mixing.vd_forward, 4, 2)(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
-    return top, bottom, g1_bhEt, g2_bhEt
+def vd_experts_carry(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt, w_top, w_bottom):
+    """The Pallas VD mixing and ``v`` products of one layer of a routing group: ``(top, bottom, g1, g2)``, the
+    two output halves ``[b, t, d/2]`` (no expert biases) of ``[v11; v12]`` and ``[v21; v22]`` (``w_top``,
+    ``w_bottom``: ``[2, E, m, d/2]`` in the compute dtype), ``g`` passed on as in :func:`hd_experts_carry`."""
+    top, bottom = _part(partial(mixing.vd_forward, m_major=False), 4, 2)(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
+    return lanes.down_product(top, w_top), lanes.down_product(bottom, w_bottom), g1_bhEt, g2_bhEt
 
 
 def _vd_carry_bwd(res, cts):
-    dtop, dbot, dg1_in, dg2_in = cts
-    return _backward(mixing.vd_backward, (*res, _dense(dtop), _dense(dbot)), {"dg1_in": dg1_in, "dg2_in": dg2_in}, 4)
+    p1, p2, g1, g2, w_top, w_bottom = res
+    d_top, d_bottom, dg1_in, dg2_in = cts
+    top, bottom = _part(mixing.vd_forward, 4, 2)(p1, p2, g1, g2)
+    dtop, dw_top = lanes.down_grads(top, w_top, _dense(d_top))
+    dbottom, dw_bottom = lanes.down_grads(bottom, w_bottom, _dense(d_bottom))
+    grads = _backward(mixing.vd_backward, (p1, p2, g1, g2, dtop, dbottom), {"dg1_in": dg1_in, "dg2_in": dg2_in}, 4)
+    return (*grads, dw_top, dw_bottom)
 
 
-vd_mix_carry.defvjp(_primal(vd_mix_carry), _vd_carry_bwd, symbolic_zeros=True)
+vd_experts_carry.defvjp(_primal(vd_experts_carry), _vd_carry_bwd, symbolic_zeros=True)

@@ -116,7 +116,8 @@ def _forward(z_bhet, mean_h, var_h, sigma, eps, dtype):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def fused_router(z_bhet, mean_h, var_h, sigma: float, eps: float, dtype):
-    """``g`` ``[b, H, E, t]`` (the mixing layout) in ``dtype`` from raw float32 logits ``z`` ``[b, H, E, t]``,
+    """``g`` ``[b, H, E, t]`` (the mixing layout) in ``dtype`` from raw logits ``z`` ``[b, H, E, t]`` (any float
+    dtype; float32 inside),
     with ``sum_bt g`` ``[H, E]`` and ``sum_bt (1 - max_e g)`` ``[H]`` (float32). The backward recomputes ``g``
     from ``z`` (the same operations, so the same mask) instead of saving it.
     Reference: ``reference.router_reference`` on ``z`` transposed to ``[b*t, H, E]``."""

@@ -62,7 +62,7 @@ class VerticalExperts(nnx.Module):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
         ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group). ``carry``:
         return ``(out, lanes_probs)`` with the ``lanes_probs`` the group's next layer takes (on the Pallas
-        path passed through the kernels, which then sum the group's gradients of ``g``: ``ops.vd_mix_carry``)."""
+        path passed through the kernels, which then sum the group's gradients of ``g``: ``ops.vd_experts_carry``)."""
         impl = _impl(self, x_btd, g1_bthi, deleted)
         if impl in ("xla", "pallas"):
             g = lanes_probs or self.lanes_probs(*_to_lanes(g1_bthi, g2_bthj, self.compute_dtype))
@@ -83,20 +83,22 @@ class VerticalExperts(nnx.Module):
 
     def _lanes(self, impl: str, x_btd, g1, g2, s1, s2):
         """The layer in the lane-dense layout of :mod:`monet_jax.kernels.lanes` (``impl``: xla or pallas)."""
-        cd, e, m = self.compute_dtype, self.experts, self.half_dim
+        cd, e = self.compute_dtype, self.experts
         p1 = constrain(lanes.up(x_btd, self.u1.kernel[...], self.u1.bias[...], e, cd), LANES_ACT)
         p2 = constrain(lanes.up(x_btd, self.u2.kernel[...], self.u2.bias[...], e, cd), LANES_ACT)
+        w_top, w_bot = self._v("v11", "v12"), self._v("v21", "v22")
         if impl == "pallas":
-            top, bot, g1, g2 = kernel_ops.vd_mix_carry(p1, p2, g1, g2)
+            top, bot, g1, g2 = kernel_ops.vd_experts_carry(p1, p2, g1, g2, w_top, w_bot)
         else:
-            top, bot = lanes.vd_mix_lanes(p1, p2, g1, g2)
-
-        def half(a, first, second, s_bet, bias):
-            w = jnp.stack([getattr(self, first).kernel[...], getattr(self, second).kernel[...]]).reshape(2, e, m, -1)
-            return lanes.down(a, w, cd) + jnp.einsum("bet,ed->btd", s_bet, bias[...].astype(cd))
-
-        out = jnp.concatenate([half(top, "v11", "v12", s1, self.b1), half(bot, "v21", "v22", s2, self.b2)], axis=-1)
+            top, bot = (lanes.down(a, w, cd) for a, w in zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bot)))
+        bias = lambda s_bet, b: jnp.einsum("bet,ed->btd", s_bet, b[...].astype(cd))  # noqa: E731
+        out = jnp.concatenate([top + bias(s1, self.b1), bot + bias(s2, self.b2)], axis=-1)
         return out, (g1, g2, s1, s2)
+
+    def _v(self, first: str, second: str):
+        """Two ``v`` halves stacked ``[2, E, m, d/2]`` in the compute dtype (the weights of one output half)."""
+        w = jnp.stack([getattr(self, first).kernel[...], getattr(self, second).kernel[...]])
+        return w.reshape(2, self.experts, self.half_dim, -1).astype(self.compute_dtype)
 
 
 def vd_layer(x_btd, w: dict, g1_bthi, g2_bthj, deleted=None, *, compute_dtype, width=None):
@@ -158,18 +160,18 @@ class HorizontalExperts(nnx.Module):
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None, carry=False):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
         ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group). ``carry``:
-        return ``(out, lanes_probs)`` as :class:`VerticalExperts` does (``ops.hd_mix_carry``)."""
+        return ``(out, lanes_probs)`` as :class:`VerticalExperts` does (``ops.hd_experts_carry``)."""
         cd = self.compute_dtype
         impl = _impl(self, x_btd, g1_bthi, deleted)
         if impl in ("xla", "pallas"):
             g1, g2 = lanes_probs or self.lanes_probs(*_to_lanes(g1_bthi, g2_bthj, cd))
             p = constrain(lanes.up(x_btd, self.u.kernel[...], self.u.bias[...], self.experts, cd), LANES_ACT)
+            w = self.v.kernel[...].reshape(self.experts, self.dim, -1).astype(cd)
+            bias = self.b[...].astype(cd)
             if impl == "pallas":
-                z, s2, g1, g2 = kernel_ops.hd_mix_carry(p, g1, g2)
+                out, g1, g2 = kernel_ops.hd_experts_carry(p, g1, g2, w, bias)
             else:
-                z, s2 = lanes.hd_mix_lanes(p, g1, g2), g2.sum(axis=1)
-            w = self.v.kernel[...].reshape(self.experts, self.dim, -1)
-            out = lanes.down(z, w, cd) + jnp.einsum("bet,ed->btd", s2, self.b[...].astype(cd))
+                out = lanes.down(lanes.hd_mix_lanes(p, g1, g2), w, cd) + jnp.einsum("bet,ed->btd", g2.sum(axis=1), bias)
             return (out, (g1, g2)) if carry else out
         out = hd_layer(x_btd, _weights(self, "u", "v", "b"), g1_bthi, g2_bthj, deleted, compute_dtype=cd,
                        width=_sparse_width(self, x_btd, g1_bthi, impl))

@@ -1,6 +1,9 @@
 """Monet's product-key router: two projections, BatchNorm top-k approximation, masked softmax.
 
-The router always runs in float32: its projection accumulates in float32 whatever the compute dtype.
+The projections accumulate in float32 and round the logits once to the compute dtype, as the upstream model's
+projection in the model dtype followed by ``.float()`` does (DESIGN section 1); everything after them runs in
+float32. So the logits cross memory in the compute dtype (bfloat16 in training: half the bytes of the float32
+logits, read by the BatchNorm statistics and the fused kernel, forward and backward).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class HeadBatchNorm(nnx.Module):
     def statistics(self, z, axes=(0, 1, 3)):
         """(mean, biased variance) per head over ``axes`` (all but the head axis: ``[b, t, H, E]`` by default,
         ``(0, 2, 3)`` for ``[b, H, E, t]``); under ``jit`` with a sharded batch these are global."""
+        z = z.astype(jnp.float32)
         mean_h = jnp.mean(z, axis=axes)
         shape = [1] * z.ndim
         shape[next(a for a in range(z.ndim) if a not in axes)] = -1
@@ -73,7 +77,8 @@ def sparse_softmax(z_bthe, n_bthe, sigma: float):
 
 
 def project_lanes(x_btd, kernel_dk, heads: int, dtype):
-    """The router's logits ``x @ w`` as ``[b, H, E, t]`` float32 (the layout of the fused router kernel).
+    """The router's logits ``x @ w`` as ``[b, H, E, t]`` (the layout of the fused router kernel), accumulated in
+    float32 and rounded to ``dtype``.
 
     Written as a product batched over rows, ``w^T`` broadcast to ``[b, H, E, d]`` times ``x^T`` ``[b, d, t]``:
     its natural output is then the kernel's layout. XLA fuses the broadcast into the product and turns its
@@ -84,7 +89,7 @@ def project_lanes(x_btd, kernel_dk, heads: int, dtype):
     w_hed = kernel_dk.astype(dtype).T.reshape(heads, -1, d)
     x_bdt = jnp.swapaxes(x_btd.astype(dtype), 1, 2)
     return jnp.einsum("bhed,bdt->bhet", jnp.broadcast_to(w_hed, (b, *w_hed.shape)), x_bdt,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=jnp.float32).astype(dtype)
 
 
 class Router(nnx.Module):
@@ -136,7 +141,8 @@ class Router(nnx.Module):
 
     def _route(self, x_btd, w, norm):
         b, t, _ = x_btd.shape
-        z_bthe = w(x_btd, out_dtype=jnp.float32).astype(jnp.float32).reshape(b, t, self.heads, self.experts)
+        z = w(x_btd, out_dtype=jnp.float32).astype(w.compute_dtype).astype(jnp.float32)
+        z_bthe = z.reshape(b, t, self.heads, self.experts)
         z_bthe = constrain(z_bthe, ("batch", "seq", None, "experts"))
         g = sparse_softmax(z_bthe, norm(z_bthe), self.sigma)
         col, amb = jnp.sum(g, axis=(0, 1)), jnp.sum(1.0 - jnp.max(g, axis=-1), axis=(0, 1))
@@ -149,9 +155,11 @@ class Router(nnx.Module):
         z_bhet = constrain(z_bhet, ("batch", None, "experts", "seq"))
         mean_h, var_h = norm.moments(z_bhet, axes=(0, 2, 3))  # batch statistics here: global, running update
         g_lanes, col, amb = kernel_ops.router_probs(z_bhet, mean_h, var_h, self.sigma, norm.eps, dtype)
-        z_bthe = jnp.transpose(z_bhet, (0, 3, 1, 2))
+        z_bthe = jnp.transpose(z_bhet, (0, 3, 1, 2)).astype(jnp.float32)
         g = sparse_softmax(z_bthe, norm.normalize(z_bthe, mean_h, var_h), self.sigma)
-        dense = jnp.sum(jax.nn.softmax(z_bhet, axis=2), axis=(0, 3)) if self.aux_probs == "dense" else col
+        dense = col
+        if self.aux_probs == "dense":
+            dense = jnp.sum(jax.nn.softmax(z_bhet.astype(jnp.float32), axis=2), axis=(0, 3))
         return g, (col, amb, dense), g_lanes
 
 
