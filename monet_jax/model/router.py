@@ -154,6 +154,10 @@ class Router(nnx.Module):
         z_bhet = project_lanes(x_btd, w.kernel[...], self.heads, w.compute_dtype)
         z_bhet = constrain(z_bhet, ("batch", None, "experts", "seq"))
         mean_h, var_h = norm.moments(z_bhet, axes=(0, 2, 3))  # batch statistics here: global, running update
+        # The statistics only set the boolean mask, so no gradient reaches them: stopped here, the backward pass
+        # does not differentiate their reductions with zero cotangents (a pass over z per half and group, which
+        # XLA cannot fold: 0 * z is not 0 for every float).
+        mean_h, var_h = jax.lax.stop_gradient(mean_h), jax.lax.stop_gradient(var_h)
         g_lanes, col, amb = kernel_ops.router_probs(z_bhet, mean_h, var_h, self.sigma, norm.eps, dtype)
         z_bthe = jnp.transpose(z_bhet, (0, 3, 1, 2)).astype(jnp.float32)
         g = sparse_softmax(z_bthe, norm.normalize(z_bthe, mean_h, var_h), self.sigma)
