@@ -60,7 +60,6 @@ def _expert_layer(layer, router, x, probs):
     """One expert layer; the first of the group routes (inside its remat region, as in the model)."""
     if probs is None:
         probs = router.route(x, lanes_dtype=layer.compute_dtype)
-        probs = (*probs[:3], *layer.lanes_probs(*probs[3:]))
     out, lanes_probs = layer(x, probs[0], probs[1], lanes_probs=probs[3:], carry=True)  # g passed on, as in the model
     return x + out, (*probs[:3], *(lanes_probs or ()))
 

@@ -216,19 +216,20 @@ def test_router_tied_heads():
 MIX_SHAPES = [(2, 19, 3, 48, 3), (1, 3, 1, 12, 6), (1, 5, 8, 512, 8)]
 
 
-# The Pallas mixing as one layer calls it: the carrying op, with the layer's v products (VD: the two output halves
-# of [v11; v12] and [v21; v22]; HD: v's, and the expert biases), its passed-on g unused.
-PALLAS_MIX = {True: lambda *a: kernel_ops.vd_experts_carry(*a)[:2],
+# The Pallas mixing as one layer calls it: the carrying op, with the layer's v products and expert biases (VD:
+# the two output halves of [v11; v12] and [v21; v22]), its passed-on g unused.
+PALLAS_MIX = {True: lambda *a: kernel_ops.vd_experts_carry(*a)[0],
               False: lambda *a: kernel_ops.hd_experts_carry(*a)[0]}
+N_W = {True: 4, False: 2}  # the weights the carrying ops take after p and g
 V_OUT = 6  # the v products' output width in these tests
 
 
 def v_weights(shape, vd: bool, seed: int = 11, dtype=jnp.float32):
-    """Random ``v`` weights: VD ``[2, E, m, d]`` per output half (two); HD ``[E, m, d]`` and the expert biases
-    ``[E, d]``."""
+    """Random ``v`` weights and expert biases: VD ``[2, E, m, d]`` per output half (two) and ``[E, d]`` (two); HD
+    ``[E, m, d]`` and ``[E, d]``."""
     e, m = shape[3:]
-    keys = jax.random.split(jax.random.key(seed), 2)
-    shapes = [(2, e, m, V_OUT)] * 2 if vd else [(e, m, V_OUT), (e, V_OUT)]
+    shapes = [(2, e, m, V_OUT)] * 2 + [(e, V_OUT)] * 2 if vd else [(e, m, V_OUT), (e, V_OUT)]
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
     return tuple(jax.random.normal(k, s).astype(dtype) for k, s in zip(keys, shapes, strict=True))
 
 
@@ -236,9 +237,11 @@ def with_v(ref, vd: bool):
     """A reference mixing (``[n, (k,) E, m]`` outputs) followed by the ``v`` products (HD: and the biases weighted
     by ``sum_h g2``), ``[n, d]`` each: what the carrying ops return, from the mixing references and einsums."""
     def run(*args):
-        outs = ref(*args[:-2])
+        outs = ref(*args[:-N_W[vd]])
         if vd:
-            return tuple(jnp.einsum("nkem,kemd->nd", a, w) for a, w in zip(outs, args[-2:], strict=True))
+            g, (w_top, w_bot, b1, b2) = args[2:4], args[4:]
+            return jnp.concatenate([jnp.einsum("nkem,kemd->nd", a, w) + jnp.einsum("nhe,ed->nd", gi, bias)
+                                    for a, w, gi, bias in zip(outs, (w_top, w_bot), g, (b1, b2), strict=True)], -1)
         g2, (w, bias) = args[-3], args[-2:]
         return jnp.einsum("nem,emd->nd", outs, w) + jnp.einsum("nhe,ed->nd", g2, bias)
 
@@ -295,7 +298,7 @@ def test_mixing_matches_reference(small_blocks, vd, shape, impl):
     args = mixing_args(shape, vd)
     if impl == "pallas":
         args, ref = (*args, *v_weights(shape, vd)), with_v(ref, vd)
-        fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], 2)
+        fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], N_W[vd])
         # one call per pass (the inputs cross memory once); the forward again in the backward, m-major
         names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1](ref(*a)))(*args)))
         assert names == [f"monet_{'vd' if vd else 'hd'}_mix"] * 2 + [f"monet_{'vd' if vd else 'hd'}_mix_bwd"]
@@ -311,7 +314,7 @@ def test_mixing_in_two_calls_matches_reference(small_blocks, monkeypatch, vd, sh
     monkeypatch.setattr(mixing, "VMEM_LIMIT", 0)
     if not vd and shape[3] == 512:
         shape = (*shape[:4], 2 * shape[4])
-    fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], 2)
+    fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], N_W[vd])
     args = (*mixing_args(shape, vd), *v_weights(shape, vd))
     names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(fn)(*args)))
     assert names == [f"monet_{'vd' if vd else 'hd'}_mix_reduce", f"monet_{'vd' if vd else 'hd'}_mix_emit"]
@@ -338,19 +341,21 @@ def test_mixing_carry_sums_the_groups_gradients_of_g(small_blocks, monkeypatch, 
     args = (*to_lanes_layout(mixing_args(MIX_SHAPES[0], vd), b, t), *v_weights(MIX_SHAPES[0], vd))
     fn = kernel_ops.vd_experts_carry if vd else kernel_ops.hd_experts_carry
     ref = lambda *a: (*plain_experts(vd, *a), *a[1 + vd:3 + vd])  # noqa: E731  (out(s), g1, g2)
-    keep = slice(None) if g_used else slice(0, 1 + vd)
+    keep = slice(None) if g_used else slice(0, 1)
     check_vjp(lambda *a: fn(*a)[keep], lambda *a: ref(*a)[keep], args)
     out = fn(*args)
-    for passed, g in zip(out[1 + vd:], args[1 + vd:3 + vd], strict=True):
+    for passed, g in zip(out[1:], args[1 + vd:3 + vd], strict=True):
         np.testing.assert_array_equal(np.asarray(passed), np.asarray(g))
 
 
 def plain_experts(vd: bool, *args) -> tuple:
-    """The XLA mixing and ``v`` products of a layer in the lanes layout (HD: with the expert biases), as the
-    carrying ops return them."""
+    """The XLA mixing, ``v`` products and expert biases of a layer in the lanes layout, as the carrying ops
+    return them."""
     if vd:
-        p1, p2, g1, g2, w_top, w_bottom = args
-        return tuple(lanes.down_product(a, w) for a, w in zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bottom)))
+        p1, p2, g1, g2, w_top, w_bottom, b1, b2 = args
+        halves = zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bottom), (g1, g2), (b1, b2), strict=True)
+        return (jnp.concatenate([lanes.down_product(a, w) + lanes.bias_product(g.sum(axis=1), bias)
+                                 for a, w, g, bias in halves], axis=-1),)
     p, g1, g2, w, bias = args
     return (lanes.down_product(lanes.hd_mix_lanes(p, g1, g2), w) + lanes.bias_product(g2.sum(axis=1), bias),)
 
@@ -389,7 +394,7 @@ def test_a_routing_group_sums_its_gradients_of_g_in_the_kernels(small_blocks, vd
 def test_mixing_tied_heads(small_blocks, vd):
     """All heads routing alike: the sums over heads and the head mixtures still match the reference."""
     shape = (1, 11, 4, 32, 3)
-    fn = lanes_fn(PALLAS_MIX[vd], 1, 11, 2)
+    fn = lanes_fn(PALLAS_MIX[vd], 1, 11, N_W[vd])
     args = (*mixing_args(shape, vd, tied=True), *v_weights(shape, vd))
     check_vjp(fn, with_v(vd_mix_reference if vd else hd_mix_reference, vd), args)
 
@@ -402,7 +407,7 @@ def test_mixing_bfloat16(small_blocks, vd):
     args = mixing_args((b, t, h, e, m), vd, seed=5, dtype=jnp.bfloat16)
     args = (*args[:-2], *(g.astype(jnp.bfloat16) for g in args[-2:]),
             *v_weights((b, t, h, e, m), vd, dtype=jnp.bfloat16))
-    fn = lanes_fn(PALLAS_MIX[vd], b, t, 2)
+    fn = lanes_fn(PALLAS_MIX[vd], b, t, N_W[vd])
     ref = with_v(vd_mix_reference if vd else hd_mix_reference, vd)
     ct = jax.tree.map(lambda c: c.astype(jnp.bfloat16), cotangent(jax.eval_shape(fn, *args)))
     out, grads = value_and_vjp(fn, args, ct)

@@ -293,24 +293,28 @@ def _adding(emit_fn, n_in: int, targets: list[int]):
 
 # -- VD -------------------------------------------------------------------------------------------------
 def vd_forward(p1, p2, g1, g2, m_major: bool = True):
-    """VD: ``(top, bottom)``, each ``[b, 2, m, E, t]`` in ``p``'s dtype: the inputs of ``[v11; v12]`` and
-    ``[v21; v22]`` (straight flow first for top, cross flow first for bottom); ``m_major`` as in
-    :func:`hd_forward`. Reference: ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout).
-    Differentiated through ``ops.vd_experts_carry`` with :func:`vd_backward`."""
+    """VD: ``(top, bottom, s1, s2)``: ``top``, ``bottom`` each ``[b, 2, m, E, t]`` in ``p``'s dtype, the inputs of
+    ``[v11; v12]`` and ``[v21; v22]`` (straight flow first for top, cross flow first for bottom), and the weights
+    of the expert biases ``s = sum_h g`` ``[b, 1, E, t]`` in ``g``'s dtype, summed from the blocks of ``g`` the
+    kernel reads anyway. ``m_major`` as in :func:`hd_forward` (``top`` and ``bottom``). Reference:
+    ``reference.vd_mix_reference`` (in the ``[n, 2, E, m]`` layout). Differentiated through
+    ``ops.vd_experts_carry`` with :func:`vd_backward`."""
     args = (p1, p2, g1, g2)
     h, m = g1.shape[1], p1.shape[1]
     out = ((2, m), p1.dtype)
-    return tuple(mix_pass(lanes.vd_reduce, args, lanes.vd_emit, args, h, m, 2, [out, out], name="monet_vd_mix_emit",
-                          major=(0, 1) if m_major else ()))
+    emit = lambda *a: (*lanes.vd_emit(*a), lanes.heads_sum(a[2]), lanes.heads_sum(a[3]))  # noqa: E731
+    return tuple(mix_pass(lanes.vd_reduce, args, emit, args, h, m, 2, [out, out, ((1,), g1.dtype), ((1,), g2.dtype)],
+                          name="monet_vd_mix_emit", major=(0, 1) if m_major else ()))
 
 
-def vd_backward(p1, p2, g1, g2, dtop, dbot, dg1_in=None, dg2_in=None):
-    """``(dp1, dp2, dg1, dg2)``; ``dg1_in`` / ``dg2_in``, where given, are added to ``dg1`` / ``dg2`` inside
+def vd_backward(p1, p2, g1, g2, dtop, dbot, dg1_in=None, dg2_in=None, ds1=None, ds2=None):
+    """``(dp1, dp2, dg1, dg2)``; ``dg1_in`` / ``dg2_in`` (``[b, H, E, t]``) and ``ds1`` / ``ds2`` (``[b, 1, E, t]``,
+    the gradients of ``sum_h g`` through the expert biases), where given, are added to ``dg1`` / ``dg2`` inside
     the kernel."""
     h, m = g1.shape[1], p1.shape[1]
     args = (p1, p2, g1, g2, dtop.astype(p1.dtype), dbot.astype(p1.dtype))
     outs = [((m,), p1.dtype), ((m,), p2.dtype), ((h,), g1.dtype), ((h,), g2.dtype)]
-    extra = [(a, i) for a, i in ((dg1_in, 2), (dg2_in, 3)) if a is not None]
+    extra = [(a, i) for a, i in ((dg1_in, 2), (dg2_in, 3), (ds1, 2), (ds2, 3)) if a is not None]
     emit = _adding(lanes.vd_emit_bwd, 6, [i for _, i in extra])
     return tuple(mix_pass(lanes.vd_reduce_bwd, args, emit, (*args, *(a for a, _ in extra)), h, m, 4, outs,
                           name="monet_vd_mix_emit_bwd", major=(0, 1)))

@@ -92,22 +92,30 @@ hd_experts_carry.defvjp(_primal(hd_experts_carry), _hd_carry_bwd, symbolic_zeros
 
 
 @jax.custom_vjp
-def vd_experts_carry(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt, w_top, w_bottom):
-    """The Pallas VD mixing and ``v`` products of one layer of a routing group: ``(top, bottom, g1, g2)``, the
-    two output halves ``[b, t, d/2]`` (no expert biases) of ``[v11; v12]`` and ``[v21; v22]`` (``w_top``,
-    ``w_bottom``: ``[2, E, m, d/2]`` in the compute dtype), ``g`` passed on as in :func:`hd_experts_carry`."""
-    top, bottom = _part(partial(mixing.vd_forward, m_major=False), 4, 2)(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
-    return lanes.down_product(top, w_top), lanes.down_product(bottom, w_bottom), g1_bhEt, g2_bhEt
+def vd_experts_carry(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt, w_top, w_bottom, b1_Ed, b2_Ed):
+    """The Pallas VD mixing, ``v`` products and expert biases of one layer of a routing group: ``(out, g1, g2)``
+    with ``out`` ``[b, t, d]``, its halves from ``[v11; v12]`` and ``[v21; v22]`` (``w_top``, ``w_bottom``:
+    ``[2, E, m, d/2]``; biases ``[E, d/2]``; in the compute dtype), and ``g`` passed on as in
+    :func:`hd_experts_carry`; the biases' weights ``sum_h g`` come from the forward kernel, and their gradients
+    are added to those of ``g`` inside the backward kernel, as HD's."""
+    forward = _part(partial(mixing.vd_forward, m_major=False), 4, 4)
+    top, bottom, s1, s2 = forward(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
+    halves = [lanes.down_product(a, w) + lanes.bias_product(s[:, 0], bias)
+              for a, w, s, bias in ((top, w_top, s1, b1_Ed), (bottom, w_bottom, s2, b2_Ed))]
+    return jnp.concatenate(halves, axis=-1), g1_bhEt, g2_bhEt
 
 
 def _vd_carry_bwd(res, cts):
-    p1, p2, g1, g2, w_top, w_bottom = res
-    d_top, d_bottom, dg1_in, dg2_in = cts
-    top, bottom = _part(mixing.vd_forward, 4, 2)(p1, p2, g1, g2)
-    dtop, dw_top = lanes.down_grads(top, w_top, _dense(d_top))
-    dbottom, dw_bottom = lanes.down_grads(bottom, w_bottom, _dense(d_bottom))
-    grads = _backward(mixing.vd_backward, (p1, p2, g1, g2, dtop, dbottom), {"dg1_in": dg1_in, "dg2_in": dg2_in}, 4)
-    return (*grads, dw_top, dw_bottom)
+    p1, p2, g1, g2, w_top, w_bottom, b1, b2 = res
+    dout, dg1_in, dg2_in = cts
+    top, bottom, s1, s2 = _part(mixing.vd_forward, 4, 4)(p1, p2, g1, g2)
+    halves = zip((top, bottom), (w_top, w_bottom), (s1, s2), (b1, b2),
+                 jnp.split(_dense(dout).astype(p1.dtype), 2, axis=-1), strict=True)
+    (da1, dw1, ds1, db1), (da2, dw2, ds2, db2) = [
+        (*lanes.down_grads(a, w, d), *lanes.bias_grads(s[:, 0], bias, d)) for a, w, s, bias, d in halves]
+    accumulators = {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds1": ds1[:, None], "ds2": ds2[:, None]}
+    grads = _backward(mixing.vd_backward, (p1, p2, g1, g2, da1, da2), accumulators, 4)
+    return (*grads, dw1, dw2, db1, db2)
 
 
 vd_experts_carry.defvjp(_primal(vd_experts_carry), _vd_carry_bwd, symbolic_zeros=True)

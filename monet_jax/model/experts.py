@@ -60,12 +60,13 @@ class VerticalExperts(nnx.Module):
 
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None, carry=False):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
-        ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group). ``carry``:
-        return ``(out, lanes_probs)`` with the ``lanes_probs`` the group's next layer takes (on the Pallas
-        path passed through the kernels, which then sum the group's gradients of ``g``: ``ops.vd_experts_carry``)."""
+        ``lanes_probs``: the routing group's ``(g1, g2)`` ``[b, H, E, t]`` in the mixing layout and dtype (made
+        once per group). ``carry``: return ``(out, lanes_probs)`` with the ``lanes_probs`` the group's next layer
+        takes (on the Pallas path passed through the kernels, which then sum the group's gradients of ``g``:
+        ``ops.vd_experts_carry``)."""
         impl = _impl(self, x_btd, g1_bthi, deleted)
         if impl in ("xla", "pallas"):
-            g = lanes_probs or self.lanes_probs(*_to_lanes(g1_bthi, g2_bthj, self.compute_dtype))
+            g = lanes_probs or _to_lanes(g1_bthi, g2_bthj, self.compute_dtype)
             out, g = self._lanes(impl, x_btd, *g)
             return (out, g) if carry else out
         w = _weights(self, "u1", "u2", "v11", "v12", "v21", "v22", "b1", "b2")
@@ -73,27 +74,19 @@ class VerticalExperts(nnx.Module):
                        width=_sparse_width(self, x_btd, g1_bthi, impl))
         return (out, lanes_probs) if carry else out
 
-    @staticmethod
-    def lanes_probs(g1_bhet, g2_bhet) -> tuple:
-        """What the group's layers take on the lane-dense path: ``(g1, g2)`` ``[b, H, E, t]`` and their sums
-        over heads ``[b, E, t]`` (the weights of the expert biases), summed once per routing group rather than
-        in every layer and its rematerialized forward (the v4-64 step of the 1.4B model: 1.9% fewer bytes;
-        HD, with one such sum per layer, lost 0.6%: :class:`HorizontalExperts`)."""
-        return g1_bhet, g2_bhet, g1_bhet.sum(axis=1), g2_bhet.sum(axis=1)
-
-    def _lanes(self, impl: str, x_btd, g1, g2, s1, s2):
+    def _lanes(self, impl: str, x_btd, g1, g2):
         """The layer in the lane-dense layout of :mod:`monet_jax.kernels.lanes` (``impl``: xla or pallas)."""
         cd, e = self.compute_dtype, self.experts
         p1 = constrain(lanes.up(x_btd, self.u1.kernel[...], self.u1.bias[...], e, cd), LANES_ACT)
         p2 = constrain(lanes.up(x_btd, self.u2.kernel[...], self.u2.bias[...], e, cd), LANES_ACT)
         w_top, w_bot = self._v("v11", "v12"), self._v("v21", "v22")
+        b1, b2 = self.b1[...].astype(cd), self.b2[...].astype(cd)
         if impl == "pallas":
-            top, bot, g1, g2 = kernel_ops.vd_experts_carry(p1, p2, g1, g2, w_top, w_bot)
-        else:
-            top, bot = (lanes.down(a, w, cd) for a, w in zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bot)))
-        bias = lambda s_bet, b: jnp.einsum("bet,ed->btd", s_bet, b[...].astype(cd))  # noqa: E731
-        out = jnp.concatenate([top + bias(s1, self.b1), bot + bias(s2, self.b2)], axis=-1)
-        return out, (g1, g2, s1, s2)
+            out, g1, g2 = kernel_ops.vd_experts_carry(p1, p2, g1, g2, w_top, w_bot, b1, b2)
+            return out, (g1, g2)
+        halves = zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bot), (g1, g2), (b1, b2), strict=True)
+        out = [lanes.down(a, w, cd) + lanes.bias_product(g.sum(axis=1), bias) for a, w, g, bias in halves]
+        return jnp.concatenate(out, axis=-1), (g1, g2)
 
     def _v(self, first: str, second: str):
         """Two ``v`` halves stacked ``[2, E, m, d/2]`` in the compute dtype (the weights of one output half)."""
@@ -151,20 +144,15 @@ class HorizontalExperts(nnx.Module):
         self.b = param(jnp.zeros((e, d), param_dtype), ("experts", "embed"))
         self.moe_impl, self.sparse_k = cfg.moe_impl, dispatch.sparse_k(cfg.moe_sparse_k, cfg.moe_topk, e)
 
-    @staticmethod
-    def lanes_probs(g1_bhet, g2_bhet) -> tuple:
-        """``(g1, g2)`` ``[b, H, E, t]``: each layer sums ``g2`` over heads itself, which XLA fuses into the
-        bias product; a group-wide sum cost the v4-64 step of the 1.4B model 0.6% more bytes."""
-        return g1_bhet, g2_bhet
-
     def __call__(self, x_btd, g1_bthi, g2_bthj, deleted=None, lanes_probs=None, carry=False):
         """``deleted``: optional ``[E, E]`` 0/1 matrix; those composed experts contribute nothing.
-        ``lanes_probs``: :meth:`lanes_probs` of the routing group's ``g`` (made once per group). ``carry``:
-        return ``(out, lanes_probs)`` as :class:`VerticalExperts` does (``ops.hd_experts_carry``)."""
+        ``lanes_probs``: the routing group's ``(g1, g2)`` ``[b, H, E, t]`` in the mixing layout and dtype (made
+        once per group). ``carry``: return ``(out, lanes_probs)`` as :class:`VerticalExperts` does
+        (``ops.hd_experts_carry``)."""
         cd = self.compute_dtype
         impl = _impl(self, x_btd, g1_bthi, deleted)
         if impl in ("xla", "pallas"):
-            g1, g2 = lanes_probs or self.lanes_probs(*_to_lanes(g1_bthi, g2_bthj, cd))
+            g1, g2 = lanes_probs or _to_lanes(g1_bthi, g2_bthj, cd)
             p = constrain(lanes.up(x_btd, self.u.kernel[...], self.u.bias[...], self.experts, cd), LANES_ACT)
             w = self.v.kernel[...].reshape(self.experts, self.dim, -1).astype(cd)
             bias = self.b[...].astype(cd)

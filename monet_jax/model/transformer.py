@@ -45,8 +45,8 @@ class DecoderLayer(nnx.Module):
             self.router = None
 
     def __call__(self, x_btd, cos_btd, sin_btd, mask, probs):
-        """``probs`` is the (g1, g2, sums, *moe.lanes_probs) of the routing group's first layer;
-        returns (x, probs)."""
+        """``probs`` is the (g1, g2, sums, g1_lanes, g2_lanes) of the routing group's first layer (``g`` in the
+        mixing layout last, or None); returns (x, probs)."""
         x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_btd, sin_btd, mask)
         return self._mlp(x_btd, probs)
 
@@ -59,9 +59,8 @@ class DecoderLayer(nnx.Module):
         h_btd = self.post_attention_layernorm(x_btd)
         if not hasattr(self, "moe"):
             return x_btd + self.mlp(h_btd), None
-        if self.router is not None:  # (g1, g2, sums) and the mixing layout's lanes_probs, once per group
+        if self.router is not None:  # (g1, g2, sums) and g in the mixing layout, once per group
             probs = self.router.route(h_btd, lanes_dtype=self.moe.compute_dtype)
-            probs = (*probs[:3], *self.moe.lanes_probs(*probs[3:]))
         deleted = None if self.deleted is None else self.deleted[...]
         out, lanes_probs = self.moe(h_btd, probs[0], probs[1], deleted=deleted, lanes_probs=probs[3:], carry=True)
         return x_btd + out, (*probs[:3], *(lanes_probs or ()))
