@@ -1,6 +1,6 @@
-"""Entry points the model calls for the Pallas kernels: the fused router and the mixing of a routing group's
-layers (arrays in, arrays out; the ``xla`` path calls :mod:`monet_jax.kernels.lanes` itself). Under an active
-mesh each kernel runs per batch shard.
+"""Entry points the model calls for the Pallas kernels: the fused router, and the mixing of a routing group's
+layers with their ``v`` products and expert biases (arrays in, arrays out; the ``xla`` path calls
+:mod:`monet_jax.kernels.lanes` itself). Under an active mesh each kernel runs per batch shard.
 """
 
 from __future__ import annotations
