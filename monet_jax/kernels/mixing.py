@@ -302,7 +302,10 @@ def vd_forward(p1, p2, g1, g2, m_major: bool = True):
     args = (p1, p2, g1, g2)
     h, m = g1.shape[1], p1.shape[1]
     out = ((2, m), p1.dtype)
-    emit = lambda *a: (*lanes.vd_emit(*a), lanes.heads_sum(a[2]), lanes.heads_sum(a[3]))  # noqa: E731
+
+    def emit(p1_, p2_, g1_, g2_, y1, y2):
+        return (*lanes.vd_emit(p1_, p2_, g1_, g2_, y1, y2), lanes.heads_sum(g1_), lanes.heads_sum(g2_))
+
     return tuple(mix_pass(lanes.vd_reduce, args, emit, args, h, m, 2, [out, out, ((1,), g1.dtype), ((1,), g2.dtype)],
                           name="monet_vd_mix_emit", major=(0, 1) if m_major else ()))
 

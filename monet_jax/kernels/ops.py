@@ -83,8 +83,8 @@ def _hd_carry_bwd(res, cts):
     z, s2 = _part(mixing.hd_forward, 3, 2)(p, g1, g2)
     dz, dw = lanes.down_grads(z, w, dout)
     ds2, dbias = lanes.bias_grads(s2[:, 0], bias, dout)
-    ds2 = ds2[:, None]
-    grads = _backward(mixing.hd_backward, (p, g1, g2, dz), {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds2": ds2}, 3)
+    accumulators = {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds2": ds2[:, None]}
+    grads = _backward(mixing.hd_backward, (p, g1, g2, dz), accumulators, 3)
     return (*grads, dw, dbias)
 
 

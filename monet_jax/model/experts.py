@@ -159,7 +159,7 @@ class HorizontalExperts(nnx.Module):
             if impl == "pallas":
                 out, g1, g2 = kernel_ops.hd_experts_carry(p, g1, g2, w, bias)
             else:
-                out = lanes.down(lanes.hd_mix_lanes(p, g1, g2), w, cd) + jnp.einsum("bet,ed->btd", g2.sum(axis=1), bias)
+                out = lanes.down(lanes.hd_mix_lanes(p, g1, g2), w, cd) + lanes.bias_product(g2.sum(axis=1), bias)
             return (out, (g1, g2)) if carry else out
         out = hd_layer(x_btd, _weights(self, "u", "v", "b"), g1_bthi, g2_bthj, deleted, compute_dtype=cd,
                        width=_sparse_width(self, x_btd, g1_bthi, impl))
