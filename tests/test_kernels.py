@@ -17,7 +17,7 @@ from flax import nnx
 
 from monet_jax import MonetForCausalLM, sharding
 from monet_jax.config import ConfigError, MonetConfig
-from monet_jax.kernels import dispatch, lanes, mixing
+from monet_jax.kernels import dispatch, lanes, mixing, mixing_gpu
 from monet_jax.kernels import ops as kernel_ops
 from monet_jax.kernels.reference import (
     aux_from_sums,
@@ -91,10 +91,23 @@ def lanes_router(b: int, sigma: float, dtype=jnp.float32):
     return run
 
 
+@pytest.fixture
+def gpu_form(monkeypatch):
+    """The kernels in their GPU (Triton) form, interpreted, with 8-token blocks and 8-expert chunks."""
+    monkeypatch.setattr(mixing_gpu, "TOKENS", 8)
+    monkeypatch.setattr(mixing_gpu, "CHUNK", 8)
+    with dispatch.lowering_for("gpu"):
+        yield
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
 @pytest.mark.parametrize("shape, b", [((37, 3, 20), 1), ((5, 1, 7), 1), ((2 * 150, 2, 24), 2)])
-def test_router_outputs_aux_sums_and_gradients(shape, b):
+def test_router_outputs_aux_sums_and_gradients(request, shape, b, platform):
     """Outputs, token sums and gradients equal the reference (150 tokens per row: two 128-lane blocks, the
-    second partial)."""
+    second partial). GPU form: 16-token blocks, each writing its own token sums, and experts padded to a power
+    of two (20, 7 and 24 here)."""
+    if platform == "gpu":
+        request.getfixturevalue("gpu_form")
     z = jax.random.normal(jax.random.key(0), shape) * 2 + 0.3
     mean, var = z.mean((0, 2)), z.var((0, 2))
     router = lanes_router(b, 1.2)
@@ -285,18 +298,21 @@ def mixing_args(shape, vd: bool, tied: bool = False, seed: int = 3, dtype=jnp.fl
     return (*ps, *gs)
 
 
-@pytest.mark.parametrize("impl", ["pallas", "xla"])
-@pytest.mark.parametrize("shape", MIX_SHAPES)
+@pytest.mark.parametrize("shape, impl", [  # the GPU form at the published shapes: slow to interpret (the lowering
+    pytest.param(s, i, marks=[pytest.mark.slow] if i == "pallas-gpu" and s[3] == 512 else [])  # test covers it)
+    for s in MIX_SHAPES for i in ("pallas", "pallas-gpu", "xla")])
 @pytest.mark.parametrize("vd", [True, False])
-def test_mixing_matches_reference(small_blocks, vd, shape, impl):
+def test_mixing_matches_reference(request, small_blocks, vd, shape, impl):
     """Outputs and gradients of the Pallas kernels (interpreted; with the layer's ``v`` products, whose weights
-    get gradients too) and of the XLA mixing equal the references."""
+    get gradients too), in their TPU and GPU forms, and of the XLA mixing equal the references."""
+    if impl == "pallas-gpu":
+        request.getfixturevalue("gpu_form")
     b, t, h, e, m = shape
     if not vd and e == 512:
         shape = (b, t, h, e, 2 * m)  # HD's units are the whole moe_dim (16 at 1.4B)
     ref = vd_mix_reference if vd else hd_mix_reference
     args = mixing_args(shape, vd)
-    if impl == "pallas":
+    if impl != "xla":
         args, ref = (*args, *v_weights(shape, vd)), with_v(ref, vd)
         fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], N_W[vd])
         # one call per pass (the inputs cross memory once); the forward again in the backward, m-major
@@ -328,15 +344,18 @@ def to_lanes_layout(args, b: int, t: int):
             *(g.reshape(b, t, *g.shape[1:]).transpose(0, 2, 3, 1) for g in args[n_p:]))
 
 
-@pytest.mark.parametrize("g_used,two_calls", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("g_used,form", [(True, "one call"), (False, "one call"), (True, "two calls"), (True, "gpu")])
 @pytest.mark.parametrize("vd", [True, False])
-def test_mixing_carry_sums_the_groups_gradients_of_g(small_blocks, monkeypatch, vd, g_used, two_calls):
+def test_mixing_carry_sums_the_groups_gradients_of_g(request, small_blocks, monkeypatch, vd, g_used, form):
     """The carrying kernels pass ``g`` on unchanged for the group's next layer and add the gradients of ``g``
-    that come back through it (HD: and of ``sum_h g2``) inside the backward kernel: the gradients of the XLA
+    that come back through it (and of ``sum_h g``) inside the backward kernel: the gradients of the XLA
     mixing with ``g`` used again. With the passed-on ``g`` unused (a group's last layer) nothing is added.
-    Also where the reduce and emit phases are two calls (inputs too large for VMEM: forced here)."""
-    if two_calls:
+    Also where the reduce and emit phases are two calls (inputs too large for VMEM: forced here), and in the
+    kernels' GPU form."""
+    if form == "two calls":
         monkeypatch.setattr(mixing, "VMEM_LIMIT", 0)
+    if form == "gpu":
+        request.getfixturevalue("gpu_form")
     b, t = MIX_SHAPES[0][:2]
     args = (*to_lanes_layout(mixing_args(MIX_SHAPES[0], vd), b, t), *v_weights(MIX_SHAPES[0], vd))
     fn = kernel_ops.vd_experts_carry if vd else kernel_ops.hd_experts_carry
@@ -464,10 +483,13 @@ def _loss_and_grads(model, ids):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
 @pytest.mark.parametrize("dec", ["vertical", "horizontal"])
-def test_model_pallas_equals_xla_in_training(dec):
+def test_model_pallas_equals_xla_in_training(request, dec, platform):
     """Training mode, moe_groups=2 (layers reusing a router): loss, every parameter gradient and the
-    running BatchNorm statistics agree between moe_impl=pallas and xla."""
+    running BatchNorm statistics agree between moe_impl=pallas (the kernels' TPU or GPU form) and xla."""
+    if platform == "gpu":
+        request.getfixturevalue("gpu_form")
     cfg = _cfg(dec, moe_groups=2, num_hidden_layers=3)
     ids = np.random.default_rng(0).integers(0, 96, (2, 13)).astype(np.int32)
     results = []
@@ -642,8 +664,8 @@ def test_dispatch_choices_and_logged_fallback(caplog, monkeypatch):
             m.setattr(dispatch, "target_platform", lambda: "gpu")
             assert dispatch.choose("auto", 1, 8, 512, 16) == "xla"      # a GPU decodes faster dense
             assert dispatch.choose("sparse", 1, 8, 512, 16) == "sparse"  # unless asked
-            assert dispatch.choose("pallas", 4096, 8, 512, 16) == "xla"  # no Triton lowering of the kernels
-            assert dispatch.choose("auto", 4096, 8, 512, 16) == "xla"
+            assert dispatch.choose("pallas", 4096, 8, 512, 16) == "pallas"  # the kernels' Triton form
+            assert dispatch.choose("auto", 4096, 8, 512, 16) == "xla"  # not measured faster there yet
             m.setattr(dispatch, "target_platform", lambda: "tpu")
             assert dispatch.choose("auto", 1, 8, 512, 16) == "sparse"
             assert dispatch.choose("auto", 4096, 8, 512, 16) == "pallas"
@@ -741,3 +763,65 @@ def test_pallas_kernels_aot_compile_for_tpu_v4(dec):
                           cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split("mosaic calls:")[1]) >= 4
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+def lowered_kernels(fn, *args) -> dict:
+    """The Pallas kernels in ``fn``'s lowering for CUDA from this host (GPU form, not interpreted): their
+    names and counts; every one must be a Triton call."""
+    with dispatch.force_interpret(False), dispatch.lowering_for("gpu"):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(\S+)\(", text)
+    assert calls and set(calls) == {"__gpu$xla.gpu.triton"}, set(calls)
+    names = re.findall(r'name = "(monet_\w+)"', text)
+    return {n: names.count(n) for n in names}
+
+
+@pytest.mark.parametrize("size", ["850m", "1.4b", "4.1b"])
+def test_pallas_kernels_lower_for_gpu_at_the_published_sizes(size):
+    """One layer's router and mixing (both decompositions, forward and backward, in bfloat16) at each published
+    size lower to Triton: every value a power-of-two tile whatever ``m`` and ``H`` are (VD's ``m/2`` and ``H``:
+    6 at 850M, 12 at 4.1B), no scratch memory, no accumulation across programs. Triton's compile to machine
+    code and the kernels' speed need a GPU (BENCHMARKS.md)."""
+    cfg = MonetConfig.from_yaml(ROOT / "configs" / f"monet-vd-{size}.yaml")
+    b, t, e, h, m, d = 2, 256, cfg.moe_experts, cfg.moe_heads, cfg.moe_dim, 64
+    bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    vd = (bf(b, m // 2, e, t), bf(b, m // 2, e, t), bf(b, h, e, t), bf(b, h, e, t),
+          bf(2, e, m // 2, d), bf(2, e, m // 2, d), bf(e, d), bf(e, d))
+    hd = (bf(b, m, e, t), bf(b, h, e, t), bf(b, h, e, t), bf(e, m, 2 * d), bf(e, 2 * d))
+    for name, op, args in (("vd", kernel_ops.vd_experts_carry, vd), ("hd", kernel_ops.hd_experts_carry, hd)):
+        def loss(*a, op=op):
+            out, g1, g2 = op(*a)
+            return jnp.sum(jnp.square(out.astype(jnp.float32))) + jnp.sum(jnp.sin(g1.astype(jnp.float32)))
+        got = lowered_kernels(jax.grad(loss, argnums=tuple(range(len(args)))), *args)
+        assert got == {f"monet_{name}_mix": 2, f"monet_{name}_mix_bwd": 1}, got
+
+    def route(z, mean, var):
+        g, col, amb = fused_router(z, mean, var, 2.15, 1e-5, jnp.bfloat16)
+        return jnp.sum(jnp.square(g.astype(jnp.float32))) + jnp.sum(jnp.log(col + 1)) + jnp.sum(amb)
+    stats = jax.ShapeDtypeStruct((h,), jnp.float32)
+    assert lowered_kernels(jax.grad(route), bf(b, h, e, t), stats, stats) == {"monet_router_fwd": 1,
+                                                                              "monet_router_bwd": 1}
+
+
+@pytest.mark.parametrize("dec", ["vertical", "horizontal"])
+def test_training_step_lowers_for_gpu_with_the_kernels(dec):
+    """The whole training step (tiny model, 4 layers in 2 routing groups, ``moe_impl=pallas``) lowers for CUDA
+    with every kernel in its Triton form: per group the router's two halves forward and backward, per layer the
+    mixing forward, again in the backward, and its backward."""
+    from monet_jax.train.config import TrainConfig
+    from monet_jax.train.step import BATCH_KEYS, TrainState, _build, make_train_step
+
+    cfg = TrainConfig.load(None, [f"model.moe_decompose={dec}", "model.moe_impl=pallas", "model.num_hidden_layers=4",
+                                  "model.moe_groups=2", "data.batch_size=2", "data.seq_len=64"])
+    with dispatch.lowering_for("gpu"):
+        mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg)))
+        ts = TrainState(graphdef, abstract, sharding.state_shardings(abstract, mesh), mesh)
+        step = make_train_step(ts, cfg)
+    batch = {k: jax.ShapeDtypeStruct((2, 64), jnp.float32 if k == "loss_mask" else jnp.int32) for k in BATCH_KEYS}
+    with sharding.activate(mesh):
+        got = lowered_kernels(step.jitted, ts.abstract(), batch)
+    kind = "vd" if dec == "vertical" else "hd"
+    assert got == {f"monet_{kind}_mix": 8, f"monet_{kind}_mix_bwd": 4, "monet_router_fwd": 4,
+                   "monet_router_bwd": 4}, got

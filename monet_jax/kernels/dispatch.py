@@ -4,9 +4,10 @@
 and mixing kernels),
 ``sparse`` (gather only the active experts' weights: decoding, small batches) or ``auto``. A request
 that cannot be honoured falls back to ``xla`` with one logged warning per reason. Pallas lowers for TPU
-(Mosaic; AOT-compiled in the tests), not for GPU (see :func:`pallas_available`); on CPU only in interpret
-mode (``MONET_PALLAS_INTERPRET=1`` or :func:`force_interpret`), which is how the tests run the kernels
-through the whole model.
+(Mosaic; AOT-compiled in the tests) and for GPU (Triton: the mixing passes of :mod:`~monet_jax.kernels.mixing_gpu`
+and the router's GPU grid; lowered for CUDA from a CPU host in the tests, see :func:`lowering_for`); on CPU only
+in interpret mode (``MONET_PALLAS_INTERPRET=1`` or :func:`force_interpret`), which is how the tests run the
+kernels through the whole model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from monet_jax import sharding
 log = logging.getLogger(__name__)
 INTERPRET_ENV = "MONET_PALLAS_INTERPRET"
 _interpret_override: bool | None = None
+_platform_override: str | None = None
 _warned: set[str] = set()
 BLOCK_CAP = 256  # most tokens per kernel block (tests lower it to exercise several, partial blocks)
 
@@ -45,9 +47,24 @@ def force_interpret(on: bool = True):
         _interpret_override = old
 
 
+@contextlib.contextmanager
+def lowering_for(platform: str):
+    """Build the kernels (and choose paths) for ``platform`` (``tpu`` or ``gpu``) inside this block, whatever
+    the host: with ``jax.jit(...).trace(...).lower(lowering_platforms=...)`` a CPU host lowers the GPU kernels
+    to Triton, or, with :func:`force_interpret`, runs their GPU form in interpret mode."""
+    global _platform_override
+    old, _platform_override = _platform_override, platform
+    try:
+        yield
+    finally:
+        _platform_override = old
+
+
 def target_platform() -> str:
-    """The platform being compiled for: the active mesh's devices (an AOT compile for a TPU topology
-    runs on a CPU host), else the default backend."""
+    """The platform being compiled for: :func:`lowering_for`'s, else the active mesh's devices (an AOT
+    compile for a TPU topology runs on a CPU host), else the default backend."""
+    if _platform_override is not None:
+        return _platform_override
     active = sharding._ACTIVE.get()
     if active is not None:
         return active[0].devices.flat[0].platform
@@ -61,10 +78,8 @@ def warn_once(message: str) -> None:
 
 
 def pallas_available() -> bool:
-    """TPU (Mosaic) or interpret mode. Not GPU: the mixing kernels keep VMEM scratch copies, which the Triton
-    backend does not implement, and the router and reduce passes accumulate over sequential grid steps,
-    which Triton runs as parallel programs (a race)."""
-    return interpret_mode() or target_platform() == "tpu"
+    """TPU (Mosaic), GPU (Triton) or interpret mode."""
+    return interpret_mode() or target_platform() in ("tpu", "gpu")
 
 
 def sparse_k(requested: int, topk: int, experts: int) -> int:
@@ -95,15 +110,20 @@ def choose(requested: str, tokens: int, heads: int, experts: int, k: int) -> str
     return "pallas"
 
 
-def compiler_params(platform: str, semantics: tuple[str, ...] = ("parallel",)):
-    """Per-backend Pallas options (``semantics``: one of ``parallel`` / ``arbitrary`` per grid axis); the
-    TPU module is imported only when used."""
+def compiler_params(platform: str, semantics: tuple[str, ...] = ("parallel",), num_warps: int = 4):
+    """Per-backend Pallas options (TPU: ``semantics``, one of ``parallel`` / ``arbitrary`` per grid axis; GPU:
+    Triton, whose grid is always parallel, with ``num_warps``); each backend's module is imported only when
+    used."""
     if interpret_mode():
         return None
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
         return pltpu.CompilerParams(dimension_semantics=semantics)
+    if platform == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=num_warps, num_stages=2)
     return None
 
 

@@ -185,16 +185,22 @@ def _one_pass_kernel(reduce_fn, emit_fn, r_idx, e_idx, both, n_in: int, n_out: i
     return body
 
 
-def plan(r_args, e_args, h: int, m: int, n_sums: int, outs):
-    """How :func:`mix_pass` runs: ``(inputs, r_idx, e_idx, both, chunk, token block)`` with ``inputs`` the
-    distinct arrays (by identity) of both phases, ``both`` those read in both (kept in VMEM), and ``chunk``
-    None where their copies do not fit VMEM (then the two-call form runs)."""
+def distinct(r_args, e_args):
+    """``(inputs, r_idx, e_idx)``: the distinct arrays (by identity) of a pass's two phases, each passed to the
+    kernel once, and where each phase's arguments are among them."""
     inputs = []
     for a in (*r_args, *e_args):
         if not any(a is x for x in inputs):
             inputs.append(a)
     pos = lambda a: next(i for i, x in enumerate(inputs) if x is a)  # noqa: E731
-    r_idx, e_idx = [pos(a) for a in r_args], [pos(a) for a in e_args]
+    return inputs, [pos(a) for a in r_args], [pos(a) for a in e_args]
+
+
+def plan(r_args, e_args, h: int, m: int, n_sums: int, outs):
+    """How :func:`mix_pass` runs: ``(inputs, r_idx, e_idx, both, chunk, token block)`` with ``inputs`` the
+    distinct arrays (by identity) of both phases, ``both`` those read in both (kept in VMEM), and ``chunk``
+    None where their copies do not fit VMEM (then the two-call form runs)."""
+    inputs, r_idx, e_idx = distinct(r_args, e_args)
     both = [i for i in range(len(inputs)) if i in r_idx and i in e_idx]
     e, t = inputs[0].shape[-2], inputs[0].shape[-1]
     ec, tb = _sizes(e, t, footprint(inputs, outs, False), _resident(inputs, both, h, m, n_sums))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from monet_jax.kernels import dispatch, lanes, mixing
+from monet_jax.kernels import dispatch, lanes, mixing, mixing_gpu
 from monet_jax.kernels.router import fused_router
 
 
@@ -27,6 +27,11 @@ def router_probs(z_bhet, mean_h, var_h, sigma: float, eps: float, dtype):
     g, col, amb = dispatch.partitioned(run, (True, False, False), (True, True, True))(
         z_bhet, mean_h, var_h)
     return g, col.sum(axis=0), amb.sum(axis=0)
+
+
+def _mixing():
+    """The mixing kernels for the target: Triton's form on a GPU, else the TPU's (also in interpret mode)."""
+    return mixing_gpu if dispatch.target_platform() == "gpu" else mixing
 
 
 def _part(fn, n_in: int, n_out: int):
@@ -72,7 +77,7 @@ def hd_experts_carry(p_bmEt, g1_bhEt, g2_bhEt, w_Emd, bias_Ed):
     forward kernel, which reads ``g2`` anyway; the biases are inside the op so that its backward rule, not a
     rematerialized forward, makes it again for their gradient. ``w``: ``v`` as ``[E, m, d]`` and ``bias``
     ``[E, d]``, in the compute dtype."""
-    z, s2 = _part(partial(mixing.hd_forward, m_major=False), 3, 2)(p_bmEt, g1_bhEt, g2_bhEt)
+    z, s2 = _part(partial(_mixing().hd_forward, m_major=False), 3, 2)(p_bmEt, g1_bhEt, g2_bhEt)
     return lanes.down_product(z, w_Emd) + lanes.bias_product(s2[:, 0], bias_Ed), g1_bhEt, g2_bhEt
 
 
@@ -80,11 +85,11 @@ def _hd_carry_bwd(res, cts):
     p, g1, g2, w, bias = res
     dout, dg1_in, dg2_in = cts
     dout = _dense(dout).astype(p.dtype)
-    z, s2 = _part(mixing.hd_forward, 3, 2)(p, g1, g2)
+    z, s2 = _part(_mixing().hd_forward, 3, 2)(p, g1, g2)
     dz, dw = lanes.down_grads(z, w, dout)
     ds2, dbias = lanes.bias_grads(s2[:, 0], bias, dout)
     accumulators = {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds2": ds2[:, None]}
-    grads = _backward(mixing.hd_backward, (p, g1, g2, dz), accumulators, 3)
+    grads = _backward(_mixing().hd_backward, (p, g1, g2, dz), accumulators, 3)
     return (*grads, dw, dbias)
 
 
@@ -98,7 +103,7 @@ def vd_experts_carry(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt, w_top, w_bottom, b1_Ed,
     ``[2, E, m, d/2]``; biases ``[E, d/2]``; in the compute dtype), and ``g`` passed on as in
     :func:`hd_experts_carry`; the biases' weights ``sum_h g`` come from the forward kernel, and their gradients
     are added to those of ``g`` inside the backward kernel, as HD's."""
-    forward = _part(partial(mixing.vd_forward, m_major=False), 4, 4)
+    forward = _part(partial(_mixing().vd_forward, m_major=False), 4, 4)
     top, bottom, s1, s2 = forward(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt)
     halves = [lanes.down_product(a, w) + lanes.bias_product(s[:, 0], bias)
               for a, w, s, bias in ((top, w_top, s1, b1_Ed), (bottom, w_bottom, s2, b2_Ed))]
@@ -108,13 +113,13 @@ def vd_experts_carry(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt, w_top, w_bottom, b1_Ed,
 def _vd_carry_bwd(res, cts):
     p1, p2, g1, g2, w_top, w_bottom, b1, b2 = res
     dout, dg1_in, dg2_in = cts
-    top, bottom, s1, s2 = _part(mixing.vd_forward, 4, 4)(p1, p2, g1, g2)
+    top, bottom, s1, s2 = _part(_mixing().vd_forward, 4, 4)(p1, p2, g1, g2)
     halves = zip((top, bottom), (w_top, w_bottom), (s1, s2), (b1, b2),
                  jnp.split(_dense(dout).astype(p1.dtype), 2, axis=-1), strict=True)
     (da1, dw1, ds1, db1), (da2, dw2, ds2, db2) = [
         (*lanes.down_grads(a, w, d), *lanes.bias_grads(s[:, 0], bias, d)) for a, w, s, bias, d in halves]
     accumulators = {"dg1_in": dg1_in, "dg2_in": dg2_in, "ds1": ds1[:, None], "ds2": ds2[:, None]}
-    grads = _backward(mixing.vd_backward, (p1, p2, g1, g2, da1, da2), accumulators, 4)
+    grads = _backward(_mixing().vd_backward, (p1, p2, g1, g2, da1, da2), accumulators, 4)
     return (*grads, dw1, dw2, db1, db2)
 
 
