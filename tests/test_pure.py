@@ -58,20 +58,25 @@ def test_perplexity_without_data_scores_the_held_out_documents(tmp_path, capsys)
 
 
 def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
-    """On an x86 CPU, forward passes over many tokens compile each matrix product as a oneDNN call
-    (``ONEDNN_DOTS``), calls of few tokens (decoding steps) as Eigen's (``EIGEN_DOTS``: no YNNPACK fusion);
-    ``MONET_JAX_CPU_DOT`` forces one. All give the same logits."""
+    """On an Intel x86 CPU, forward passes over many tokens compile each matrix product as a oneDNN call
+    (``ONEDNN_DOTS``), calls of few tokens (decoding steps) as Eigen's (``EIGEN_DOTS``: no YNNPACK fusion); on
+    another vendor's, XLA's default; ``MONET_JAX_CPU_DOT`` forces one. All give the same logits."""
     import platform
 
     import jax
     import pytest
 
+    from monet_jax.model import pure as pure_module
     from monet_jax.model.pure import EIGEN_DOTS, ONEDNN_DOTS, ONEDNN_MIN_ROWS, cpu_compiler_options
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("oneDNN products are used on x86 CPUs only")
+    assert pure_module.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")
+    monkeypatch.setattr(pure_module, "cpu_vendor", lambda: "GenuineIntel")
     assert cpu_compiler_options(None) == ONEDNN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS)
     assert cpu_compiler_options(8) == EIGEN_DOTS == cpu_compiler_options(ONEDNN_MIN_ROWS - 1)
+    monkeypatch.setattr(pure_module, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cpu_compiler_options(None) is None and cpu_compiler_options(8) is None
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "onednn")
     assert cpu_compiler_options(1) == ONEDNN_DOTS
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "eigen")
@@ -81,7 +86,7 @@ def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
     monkeypatch.setenv("MONET_JAX_CPU_DOT", "fast")
     with pytest.raises(ValueError, match="MONET_JAX_CPU_DOT must be one of auto, onednn, eigen, xla, got 'fast'"):
         cpu_compiler_options()
-    monkeypatch.delenv("MONET_JAX_CPU_DOT")
+    monkeypatch.setenv("MONET_JAX_CPU_DOT", "onednn")
 
     model = MonetForCausalLM(CFG, rngs=nnx.Rngs(1))
     ids = np.random.default_rng(0).integers(3, 300, (2, 24)).astype(np.int32)
@@ -93,7 +98,7 @@ def test_cpu_matrix_products_go_through_onednn_and_match_xla(monkeypatch):
     assert "onednn" in lowered.compile(compiler_options=ONEDNN_DOTS).as_text()
     assert "ynn_fusion" in lowered.compile().as_text()
     assert "ynn_fusion" not in lowered.compile(compiler_options=EIGEN_DOTS).as_text()
-    for dots in ("xla", "eigen"):
+    for dots in ("xla", "eigen", "auto"):
         monkeypatch.setenv("MONET_JAX_CPU_DOT", dots)
         np.testing.assert_allclose(with_dnn, np.asarray(pure.jit(_last_logits)(ids)), atol=2e-5, rtol=2e-5)
     np.testing.assert_allclose(with_dnn, np.asarray(model(ids).logits)[:, -1], atol=2e-5, rtol=2e-5)

@@ -8,6 +8,7 @@ state's leaves, a flat list that ``jax.jit``'s C++ dispatch handles in well unde
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from functools import partial
@@ -28,24 +29,45 @@ ONEDNN_MIN_ROWS = 128
 CPU_DOTS = ("auto", "onednn", "eigen", "xla")
 
 
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor (``GenuineIntel``, ``AuthenticAMD``) from ``/proc/cpuinfo``; ``""`` where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_compiler_options(rows: int | None = None) -> dict | None:
     """XLA options for inference on an x86 CPU: which library runs the matrix products.
 
     ``MONET_JAX_CPU_DOT``: ``auto`` (default), ``onednn``, ``eigen`` or ``xla`` (XLA's default, YNNPACK).
     ``auto`` picks, from ``benchmarks/cpu_gemm.py`` and ``benchmarks/decode_vs_torch.py`` on this model's
-    shapes: Eigen for calls of fewer than ``ONEDNN_MIN_ROWS`` tokens (``rows``; decoding steps and short
-    prefills: ``[8, 1024] x [1024, 4096]`` 1.7 ms against YNNPACK's 2.5 and oneDNN's 10, ``[32, 1024] x
-    [1024, 4096]`` 3.0 against 5.5 and 5.0); oneDNN for forward passes over more tokens (``rows`` None: a
-    corpus; 2 x 256 tokens: VD 399 ms against YNNPACK's 457, HD 409 against 454). XLA takes one choice per
-    compiled program, so no product gets its best library everywhere (the HD mixing's batched
-    ``[8, 512] x [512, 16]`` products take 3 ms in Eigen and 27 in oneDNN). Individual products only:
-    oneDNN's fused-graph mode aborts compiling this model."""
+    shapes (BENCHMARKS.md), by the CPU's vendor:
+
+    - Intel (a 2-core Xeon, AVX-512): Eigen for calls of fewer than ``ONEDNN_MIN_ROWS`` tokens (``rows``;
+      decoding steps and short prefills: ``[8, 1024] x [1024, 4096]`` 1.7 ms against YNNPACK's 2.5 and
+      oneDNN's 10, ``[32, 1024] x [1024, 4096]`` 3.0 against 5.5 and 5.0); oneDNN for forward passes over
+      more tokens (``rows`` None: a corpus; 2 x 256 tokens: VD 399 ms against YNNPACK's 457, HD 409 against
+      454). The HD mixing's batched ``[8, 512] x [512, 16]`` products take 3 ms in Eigen and 27 in oneDNN:
+      XLA takes one choice per compiled program, so no product gets its best library everywhere.
+    - Others (a 2-core AMD EPYC Zen 4, AVX-512): XLA's default everywhere. There oneDNN slowed the forward
+      of 2 x 256 tokens (VD 382-422 ms against YNNPACK's 369-373, HD 413-451 against 357-372) and Eigen
+      did not speed decoding up.
+
+    Individual products only: oneDNN's fused-graph mode aborts compiling this model."""
     mode = os.environ.get("MONET_JAX_CPU_DOT", "auto")
     if mode not in CPU_DOTS:
         raise ValueError(f"MONET_JAX_CPU_DOT must be one of {', '.join(CPU_DOTS)}, got {mode!r}")
     if mode == "xla" or jax.default_backend() != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     if mode == "auto":
+        if cpu_vendor() != "GenuineIntel":
+            return None
         return EIGEN_DOTS if rows is not None and rows < ONEDNN_MIN_ROWS else ONEDNN_DOTS
     return EIGEN_DOTS if mode == "eigen" else ONEDNN_DOTS
 
