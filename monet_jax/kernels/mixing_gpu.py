@@ -99,11 +99,11 @@ def gpu_pass(reduce_fn, r_args, emit_fn, e_args, outs, *, name: str, major: tupl
     def body(*refs):
         ins, out_refs = refs[:len(inputs)], refs[len(inputs):]
 
-        def at(ref, idx, k):  # tile idx of expert chunk k (a loop index, or 0 for the peeled first step)
+        def at(idx, k):  # tile idx of expert chunk k (a loop index, or 0 for the peeled first step)
             return (*idx, pl.ds(k * ec if isinstance(k, int) else pl.multiple_of(k * ec, ec), ec), slice(None))
 
         def tiles(i, k):
-            return [ins[i][at(ins[i], idx, k)].astype(f32) for idx in np.ndindex(*leads[i])]
+            return [ins[i][at(idx, k)].astype(f32) for idx in np.ndindex(*leads[i])]
 
         def reduce_step(k, acc):
             return jax.tree.map(operator.add, acc, reduce_fn(*(tiles(i, k) for i in r_idx)))
@@ -114,7 +114,7 @@ def gpu_pass(reduce_fn, r_args, emit_fn, e_args, outs, *, name: str, major: tupl
             values = emit_fn(*(tiles(i, k) for i in e_idx), *sums)
             for ref, (lead, _), vals in zip(out_refs, outs, values, strict=True):
                 for idx, v in zip(np.ndindex(*lead), vals, strict=True):
-                    ref[at(ref, idx, k)] = v.astype(ref.dtype)
+                    ref[at(idx, k)] = v.astype(ref.dtype)
             return carry
 
         jax.lax.fori_loop(0, nc, emit_step, 0)
