@@ -47,19 +47,10 @@ def _inputs(cfg: MonetConfig, b: int, t: int, dtype):
 
 
 def _xla(vd: bool):
-    """The same layer on the XLA path of ``kernels.lanes``: ``(out, g1, g2)`` as the carrying ops return."""
-    def run(*a):
-        if vd:
-            p1, p2, g1, g2, w_top, w_bot, b1, b2 = a
-            halves = zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bot), (g1, g2), (b1, b2), strict=True)
-            out = jnp.concatenate([lanes.down_product(x, w) + lanes.bias_product(g.sum(axis=1), bias)
-                                   for x, w, g, bias in halves], axis=-1)
-        else:
-            p, g1, g2, w, bias = a
-            out = lanes.down_product(lanes.hd_mix_lanes(p, g1, g2), w) + lanes.bias_product(g2.sum(axis=1), bias)
-        return out, a[1 + vd], a[2 + vd]
-
-    return run
+    """The same layer on the XLA path (``lanes.{vd,hd}_experts``, the model's ``xla`` path on a TPU): ``(out, g1,
+    g2)`` as the carrying ops return."""
+    layer = lanes.vd_experts if vd else lanes.hd_experts
+    return lambda *a: (layer(*a), a[1 + vd], a[2 + vd])
 
 
 def _loss(fn):

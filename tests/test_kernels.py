@@ -187,7 +187,7 @@ def test_expert_projections_in_the_mixing_layout(stacked):
     ct_up, ct_down = jax.random.normal(keys[5], (b, m, e, t)), jax.random.normal(keys[6], (b, t, d))
 
     p, up_vjp = jax.vjp(lambda x, u, bias: lanes.up(x, u, bias, e, jnp.float32), x, u, bias)
-    out, down_vjp = jax.vjp(lambda a, v: lanes.down(a, v, jnp.float32), a, v)
+    out, down_vjp = jax.vjp(lanes.down, a, v)
     xs, us, bs, as_, vs, cu, cd = (np.asarray(z, np.float64) for z in (x, u, bias, a, v, ct_up, ct_down))
     close(p, (xs @ us + bs).reshape(b, t, e, m).transpose(0, 3, 2, 1))
     cu_btk = cu.transpose(0, 3, 2, 1).reshape(b, t, e * m)
@@ -202,7 +202,7 @@ def test_expert_projections_in_the_mixing_layout(stacked):
     close(down_vjp(ct_down), (da if stacked else da[:, 0], dv if stacked else dv[0]))
     # The products write the layout themselves: no transpose of an activation-sized array either way.
     jaxpr = jax.make_jaxpr(lambda x, u, bias, a, v: (jax.vjp(lambda *w: lanes.up(*w, e, jnp.float32), x, u, bias)[1](
-        ct_up), jax.vjp(lambda *w: lanes.down(*w, jnp.float32), a, v)[1](ct_down)))(x, u, bias, a, v)
+        ct_up), jax.vjp(lanes.down, a, v)[1](ct_down)))(x, u, bias, a, v)
     moved = [q for q in jaxpr.jaxpr.eqns if q.primitive.name == "transpose" and q.outvars[0].aval.size >= b * t * e * m]
     assert not moved, moved
 

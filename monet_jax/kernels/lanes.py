@@ -171,11 +171,6 @@ def up(x_btd, w_dk, bias_k, experts: int, dtype):
     return p + bias_k.reshape(experts, -1).T.astype(dtype)[None, :, :, None]
 
 
-def down(a_bkmEt, w_kEmd, dtype):
-    """``v`` projection(s) of ``[b, (k,) m, E, t]`` inputs with ``[(k,) E, m, d]`` weights -> ``[b, t, d]``."""
-    return _down(a_bkmEt, w_kEmd.astype(dtype))
-
-
 # Both projections state their products in the orientation whose natural output is the layout wanted:
 # a product batched over rows, the weight broadcast to every row (XLA fuses the broadcast into the product),
 # gives ``[b, m, E, t]`` directly. Left to autodiff, the backward pass of ``down`` made ``dz`` as
@@ -240,16 +235,32 @@ def bias_grads(s_bEt, bias_Ed, dout_btd):
 
 
 @jax.custom_vjp
-def _down(a_bkmEt, w_kEmd):
+def down(a_bkmEt, w_kEmd):
+    """``v`` projection(s) of ``[b, (k,) m, E, t]`` inputs with ``[(k,) E, m, d]`` weights (both in the compute
+    dtype) -> ``[b, t, d]``, differentiated by :func:`down_grads`."""
     return down_product(a_bkmEt, w_kEmd)
 
 
 def _down_fwd(a, w):
-    return _down(a, w), (a, w)
+    return down(a, w), (a, w)
 
 
 def _down_bwd(res, dout_btd):
     return down_grads(*res, dout_btd)
 
 
-_down.defvjp(_down_fwd, _down_bwd)
+down.defvjp(_down_fwd, _down_bwd)
+
+
+# -- a layer on the XLA path: what ``ops.{hd,vd}_experts_carry`` compute with the kernels -----------------------
+def hd_experts(p_bmEt, g1_bhEt, g2_bhEt, w_Emd, bias_Ed):
+    """HD mixing, ``v`` product and expert biases weighted by ``sum_h g2``: ``[b, t, d]`` (weights in the compute
+    dtype)."""
+    return down(hd_mix_lanes(p_bmEt, g1_bhEt, g2_bhEt), w_Emd) + bias_product(g2_bhEt.sum(axis=1), bias_Ed)
+
+
+def vd_experts(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt, w_top, w_bottom, b1_Ed, b2_Ed):
+    """VD mixing, the two output halves' ``v`` products (``[2, E, m, d/2]`` each) and expert biases: ``[b, t, d]``."""
+    halves = zip(vd_mix_lanes(p1_bmEt, p2_bmEt, g1_bhEt, g2_bhEt), (w_top, w_bottom), (g1_bhEt, g2_bhEt),
+                 (b1_Ed, b2_Ed), strict=True)
+    return jnp.concatenate([down(a, w) + bias_product(g.sum(axis=1), bias) for a, w, g, bias in halves], axis=-1)

@@ -84,9 +84,7 @@ class VerticalExperts(nnx.Module):
         if impl == "pallas":
             out, g1, g2 = kernel_ops.vd_experts_carry(p1, p2, g1, g2, w_top, w_bot, b1, b2)
             return out, (g1, g2)
-        halves = zip(lanes.vd_mix_lanes(p1, p2, g1, g2), (w_top, w_bot), (g1, g2), (b1, b2), strict=True)
-        out = [lanes.down(a, w, cd) + lanes.bias_product(g.sum(axis=1), bias) for a, w, g, bias in halves]
-        return jnp.concatenate(out, axis=-1), (g1, g2)
+        return lanes.vd_experts(p1, p2, g1, g2, w_top, w_bot, b1, b2), (g1, g2)
 
     def _v(self, first: str, second: str):
         """Two ``v`` halves stacked ``[2, E, m, d/2]`` in the compute dtype (the weights of one output half)."""
@@ -159,7 +157,7 @@ class HorizontalExperts(nnx.Module):
             if impl == "pallas":
                 out, g1, g2 = kernel_ops.hd_experts_carry(p, g1, g2, w, bias)
             else:
-                out = lanes.down(lanes.hd_mix_lanes(p, g1, g2), w, cd) + lanes.bias_product(g2.sum(axis=1), bias)
+                out = lanes.hd_experts(p, g1, g2, w, bias)
             return (out, (g1, g2)) if carry else out
         out = hd_layer(x_btd, _weights(self, "u", "v", "b"), g1_bthi, g2_bthj, deleted, compute_dtype=cd,
                        width=_sparse_width(self, x_btd, g1_bthi, impl))
