@@ -380,6 +380,19 @@ class MonetConfig:
         return d
 
 
+def inference_dtypes(platform: str, dtype: str | None = None) -> tuple[str, str]:
+    """``(param_dtype, compute_dtype)`` for running a loaded checkpoint, whatever dtype it stores, so an HF
+    directory and our checkpoint of the same weights run alike: ``dtype`` for both when given, else float32
+    on a CPU (XLA's CPU matrix products are several times slower in bfloat16, and bfloat16 weights would
+    pay a cast per call) and bfloat16 on TPU and GPU (half the bytes a decoding step reads; the units'
+    native products)."""
+    if dtype is None:
+        dtype = "float32" if platform == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype, dtype
+
+
 def count_params(cfg: MonetConfig) -> int:
     """Closed-form parameter count (BatchNorm statistics are buffers, not parameters)."""
     d, layers, hd = cfg.hidden_size, cfg.num_hidden_layers, cfg.head_size

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from monet_jax import distributed as dist
+from monet_jax.config import DTYPES
 
 
 def add_parsers(sub, common, corpus):
@@ -58,6 +59,9 @@ def add_parsers(sub, common, corpus):
                            "pages with top contexts, token search and a text box (opens from disk)")
     atlas.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
     atlas.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
+    atlas.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="parameters and computation (default: float32 on a CPU, bfloat16 on TPU and GPU, "
+                            "whatever dtype the checkpoint stores)")
     dist.add_launch_args(atlas)
     _data_args(atlas, required=False, default="the embedded corpus")
     atlas.set_defaults(mask=None)

@@ -8,7 +8,8 @@ lm-eval 0.4.13 finds models only in its own registry (no entry-point plugins), s
 sees this one; ``monet-lm-eval`` imports this module, which registers ``monet_jax``, and then runs lm-eval's
 own command line unchanged. Model args: ``pretrained`` (our checkpoint or a Hugging Face directory),
 ``tokenizer`` (``byte``, a tokenizer.json or a tokenizer.model), ``batch_size`` (wins over ``--batch_size``),
-``max_gen_toks`` and ``mask`` (an expert-deletion mask file). lm-eval is an optional dependency: only this
+``max_gen_toks``, ``mask`` (an expert-deletion mask file) and ``dtype`` (parameters and computation; default:
+float32 on a CPU, bfloat16 on TPU and GPU). lm-eval is an optional dependency: only this
 module imports it.
 """
 
@@ -38,7 +39,7 @@ class MonetLM(LM):
     come from the same code as ``eval.py tasks`` and ``eval.py generate``."""
 
     def __init__(self, pretrained: str | None = None, tokenizer: str = "byte", batch_size: int | str | None = None,
-                 max_gen_toks: int = 256, mask: str | None = None, device: str | None = None,
+                 max_gen_toks: int = 256, mask: str | None = None, dtype: str | None = None, device: str | None = None,
                  max_batch_size: int | None = None, **unknown):
         super().__init__()
         from monet_jax import MonetForCausalLM
@@ -46,13 +47,13 @@ class MonetLM(LM):
 
         if unknown:
             raise ValueError(f"monet_jax: unknown model_args {sorted(unknown)} (known: pretrained, tokenizer, "
-                             "batch_size, max_gen_toks, mask)")
+                             "batch_size, max_gen_toks, mask, dtype)")
         if not pretrained:
             raise ValueError("monet_jax: model_args needs pretrained=PATH (a checkpoint directory)")
         # device and max_batch_size come from lm-eval's CLI defaults (cuda:0, None); JAX picks its own devices.
         self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        self.model = MonetForCausalLM.from_pretrained(pretrained)
+        self.model = MonetForCausalLM.from_pretrained(pretrained, dtype=dtype)
         self.tok = load_tokenizer(str(tokenizer))
         if self.tok.vocab_size > self.model.config.vocab_size:
             raise ValueError(f"tokenizer has {self.tok.vocab_size} ids, the model {self.model.config.vocab_size}")

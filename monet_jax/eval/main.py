@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from monet_jax import distributed as dist
-from monet_jax.config import ConfigError
+from monet_jax.config import DTYPES, ConfigError
 from monet_jax.convert.readers import ConvertError
 from monet_jax.eval import experts_cli
 
@@ -36,6 +36,9 @@ def _parents():
     common.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
     common.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
     common.add_argument("--mask", default=None, help="expert mask file: run with those composed experts deleted")
+    common.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="parameters and computation (default: float32 on a CPU, bfloat16 on TPU and GPU, "
+                             "whatever dtype the checkpoint stores)")
     dist.add_launch_args(common)
     corpus = argparse.ArgumentParser(add_help=False)
     corpus.add_argument("--seq-len", type=int, default=128, help="tokens per window (one document per window)")
@@ -135,7 +138,7 @@ def _model_and_tokenizer(args):
     from monet_jax.data.tokenizer import load_tokenizer
     from monet_jax.experts.mask import load_mask
 
-    model = MonetForCausalLM.from_pretrained(args.checkpoint)
+    model = MonetForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype)
     tokenizer = load_tokenizer(args.tokenizer)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")

@@ -226,15 +226,20 @@ class MonetForCausalLM(nnx.Module):
         return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, param_dtype: str | None = None,
+    def from_pretrained(cls, path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
                         compute_dtype: str | None = None, moe_impl: str = "auto") -> MonetForCausalLM:
         """Load a Hugging Face checkpoint directory (any layout) or one of our Orbax checkpoints, for
-        inference by default: ``moe_impl="auto"`` reads only the experts in use at small token counts."""
+        inference by default: ``moe_impl="auto"`` reads only the experts in use at small token counts.
+
+        The dtypes never come from the checkpoint (its stored dtype is only how it is kept on disk):
+        ``dtype`` (parameters and computation), else the platform's (``config.inference_dtypes``: float32
+        on a CPU, bfloat16 on TPU and GPU); ``param_dtype`` / ``compute_dtype`` override either alone."""
+        from monet_jax.config import inference_dtypes
         from monet_jax.convert import hf
 
-        policy = {k: v for k, v in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype),
-                                    ("moe_impl", moe_impl)) if v}
-        config = hf.read_config(path, **policy)
+        params, compute = inference_dtypes(jax.default_backend(), dtype)
+        policy = dict(param_dtype=param_dtype or params, compute_dtype=compute_dtype or compute)
+        config = hf.read_config(path, **policy, **({"moe_impl": moe_impl} if moe_impl else {}))
         if hf.is_orbax_checkpoint(path):
             abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                         for k, v in cls.abstract(config).flat_state().items()}
