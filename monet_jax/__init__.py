@@ -1,5 +1,6 @@
 """monet-jax: training, evaluation and conversion for Monet (Mixture of Monosemantic Experts)."""
 
+from monet_jax import versions  # noqa: F401  first: checks the installed jax and flax before they are imported
 from monet_jax.config import ConfigError, MonetConfig
 from monet_jax.convert.readers import ConvertError
 from monet_jax.model import CausalLMOutput, MonetForCausalLM
