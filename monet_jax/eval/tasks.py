@@ -9,10 +9,13 @@ option fills the blank in its context and the rest of the sentence is the scored
 ``tools/tasks_to_jsonl.py`` writes this format from the published rows of MMLU, ARC, WinoGrande, PIQA,
 SIQA, OpenBookQA, HellaSwag and CommonsenseQA (``monet_jax/eval/benchmarks.py``).
 
-Each choice is scored as ``sum log p(choice tokens | bos + shots + context)``. ``acc`` takes the
-highest sum; ``acc_norm`` divides it by the choice's length in UTF-8 bytes first (as lm-eval does), so
-long answers are not penalized for their length. Few-shot prompts prepend the first ``shots`` examples
-of a separate file (or of the same file, never the scored example) with their correct answers.
+Each choice is scored as ``sum log p(choice tokens | bos + shots + context)``: context and choice are
+joined as they are (no delimiter; choices carry their own leading space). ``acc`` takes the highest sum;
+``acc_norm`` divides it by the choice's length in characters first (lm-eval's ``acc_norm``; its
+``acc_bytes`` divides by UTF-8 bytes), so long answers are not penalized for their length. Few-shot
+prompts prepend the first ``shots`` examples of a separate file (or of the same file, never the scored
+example), each as its context, its correct choice and a blank line. ``python -m
+monet_jax.eval.lm_eval_task`` writes an lm-eval task with these same conventions.
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ def evaluate(model, tokenizer, examples: list[Example], *, shots: int = 0, shot_
     correct = correct_norm = 0
     for k, ex in enumerate(examples):
         s = np.array([v for _, v in sorted(per_example[k])])
-        lengths = np.array([max(len(ch.encode("utf-8")), 1) for ch in ex.choices])
+        lengths = np.array([max(len(ch), 1) for ch in ex.choices])  # characters, as lm-eval's acc_norm
         correct += int(np.argmax(s) == ex.answer)
         correct_norm += int(np.argmax(s / lengths) == ex.answer)
     n = len(examples)
