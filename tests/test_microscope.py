@@ -46,7 +46,8 @@ def test_token_routing_of_a_model_and_the_cli(tmp_path, capsys):
             np.testing.assert_allclose(got.scores.sum(), cfg.moe_heads, rtol=1e-5)
     model.save_checkpoint(tmp_path / "ckpt")
     assert eval_main(["experts", "tokens", str(tmp_path / "ckpt"), "--text", "Hi!", "--top", "2"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    tokenizer_line, *lines = capsys.readouterr().out.strip().splitlines()
+    assert tokenizer_line.startswith("tokenizer: byte (259 ids)")
     assert lines[0].startswith("composed expert id = i * 16 + j") and len(lines) == 5
     top = routing[1][0]
     assert f"top {top.expert_ids[0]}:{top.scores[0]:.3f}, {top.expert_ids[1]}:{top.scores[1]:.3f}" in lines[2]

@@ -2,6 +2,9 @@
 
     monet-convert hf-to-jax  HF_DIR  OUT_DIR  [--param-dtype float32]
     monet-convert jax-to-hf  OUT_DIR HF_DIR   [--dtype bfloat16] [--max-shard-size 5GB]
+
+Both directions carry the tokenizer files beside the weights (tokenizer.json / tokenizer.model,
+tokenizer_config.json, special_tokens_map.json, chat_template.jinja, generation_config.json).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from monet_jax.config import DTYPES, ConfigError
 from monet_jax.convert.readers import ConvertError
@@ -48,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"monet-convert: error: {e}", file=sys.stderr)
         return 2
     from monet_jax.config import count_params
+    from monet_jax.data.tokenizer_files import TOKENIZER_FILES
 
     print(f"wrote {args.out}: {cfg.moe_decompose if cfg.is_moe else 'dense'} model, "
           f"{count_params(cfg) / 1e6:.1f}M parameters, {time.perf_counter() - start:.1f}s")
+    carried = [name for name in TOKENIZER_FILES if (Path(args.out) / name).is_file()]
+    print("tokenizer: " + (", ".join(carried) if carried else
+                           f"none in {args.src} (eval.py then needs --tokenizer unless the vocabulary is bytes)"))
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from monet_jax.config import ConfigError, MonetConfig
 from monet_jax.convert.keys import IGNORED_HF_KEYS, KeySpec, key_table
 from monet_jax.convert.readers import SAFETENSORS_DTYPES, ConvertError, open_checkpoint
+from monet_jax.data.tokenizer_files import copy_tokenizer_files
 from monet_jax.distributed import barrier
 
 NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -183,9 +184,11 @@ def write_safetensors(path: Path, specs: list[KeySpec], get: Callable[[KeySpec],
 
 
 def write_hf(out: str | Path, cfg: MonetConfig, get: Callable[[KeySpec], np.ndarray], *,
-             torch_dtype: str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
+             torch_dtype: str | None = None, max_shard_size: int | str = "5GB", overwrite: bool = False,
+             extra: Callable[[Path], object] | None = None) -> Path:
     """Write ``config.json`` + safetensors (sharded with an index past ``max_shard_size``).
-    ``get(spec)`` returns our array for one key; tensors are converted and written one at a time."""
+    ``get(spec)`` returns our array for one key; tensors are converted and written one at a time.
+    ``extra(directory)`` adds files (a tokenizer) before the directory is renamed into place."""
     torch_dtype = torch_dtype or cfg.torch_dtype
     if torch_dtype not in NP_DTYPES:
         raise ConvertError(f"unsupported torch_dtype {torch_dtype!r} (expected {', '.join(NP_DTYPES)})")
@@ -216,6 +219,8 @@ def write_hf(out: str | Path, cfg: MonetConfig, get: Callable[[KeySpec], np.ndar
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
     return Path(out)
 
 
@@ -229,8 +234,10 @@ def _checkpointer():
     return ocp.Checkpointer(handler)
 
 
-def save_orbax(out: str | Path, cfg: MonetConfig, flat: dict[str, object], *, overwrite: bool = False) -> Path:
-    """Our checkpoint: ``config.json`` (HF fields + dtype policy) and an Orbax ``state/`` of flat arrays."""
+def save_orbax(out: str | Path, cfg: MonetConfig, flat: dict[str, object], *, overwrite: bool = False,
+               extra: Callable[[Path], object] | None = None) -> Path:
+    """Our checkpoint: ``config.json`` (HF fields + dtype policy) and an Orbax ``state/`` of flat arrays;
+    ``extra(directory)`` adds files beside them (the tokenizer), on the first process."""
     import orbax.checkpoint as ocp
 
     with atomic_directory(out, overwrite) as tmp:
@@ -238,6 +245,8 @@ def save_orbax(out: str | Path, cfg: MonetConfig, flat: dict[str, object], *, ov
         config.update(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            if extra is not None:
+                extra(tmp)
         _checkpointer().save((tmp / STATE_DIR).absolute(), args=ocp.args.PyTreeSave(flat))
     return Path(out)
 
@@ -274,18 +283,19 @@ def _short(e: Exception) -> str:
 def convert_hf_to_orbax(src: str | Path, out: str | Path, *, param_dtype: str | None = None,
                         overwrite: bool = False) -> MonetConfig:
     """HF directory -> our checkpoint. Parameters keep the checkpoint's dtype unless told otherwise,
-    so the conversion holds about one copy of the weights in memory."""
+    so the conversion holds about one copy of the weights in memory. Tokenizer files come along."""
     config = read_config(src)
     config = dataclasses.replace(config, param_dtype=param_dtype or config.torch_dtype)
     # Device arrays: Orbax then saves them without another host copy of the whole model.
     flat = {spec.path_str: jnp.asarray(array) for spec, array in iter_hf_arrays(src, config, config.param_dtype)}
-    save_orbax(out, config, flat, overwrite=overwrite)
+    save_orbax(out, config, flat, overwrite=overwrite, extra=lambda d: copy_tokenizer_files(src, d))
     return config
 
 
 def convert_orbax_to_hf(src: str | Path, out: str | Path, *, torch_dtype: str | None = None,
                         max_shard_size: int | str = "5GB", overwrite: bool = False) -> MonetConfig:
-    """Our checkpoint -> HF directory (config.json + safetensors) for the upstream PyTorch code and vLLM."""
+    """Our checkpoint -> HF directory (config.json + safetensors) for the upstream PyTorch code and vLLM, with
+    the checkpoint's tokenizer files and a generation_config.json (``AutoTokenizer`` loads the directory)."""
     if not is_orbax_checkpoint(src):
         raise ConvertError(f"{src}: not a monet-jax checkpoint (no {STATE_DIR}/ directory)")
     config = read_config(src)
@@ -294,5 +304,5 @@ def convert_orbax_to_hf(src: str | Path, out: str | Path, *, torch_dtype: str | 
     if missing:
         raise ConvertError(f"{src}: checkpoint has no {missing[0]} for its config.json")
     write_hf(out, config, lambda spec: np.asarray(flat.pop(spec.path_str)), torch_dtype=torch_dtype,
-             max_shard_size=max_shard_size, overwrite=overwrite)
+             max_shard_size=max_shard_size, overwrite=overwrite, extra=lambda d: copy_tokenizer_files(src, d))
     return config

@@ -11,6 +11,9 @@ import numpy as np
 from monet_jax import distributed as dist
 from monet_jax.config import DTYPES
 
+TOKENIZER_HELP = ("default: the checkpoint's own (tokenizer.json / tokenizer.model beside its config.json); "
+                  "byte, a tokenizer.json, a tokenizer.model or a directory holding one")
+
 
 def add_parsers(sub, common, corpus):
     """``common``: checkpoint, --tokenizer, --mask; ``corpus``: --seq-len, --batch-size, --max-tokens."""
@@ -58,7 +61,7 @@ def add_parsers(sub, common, corpus):
     atlas = sub.add_parser("atlas", parents=[corpus], help="a static HTML site of the experts: ranked lists, "
                            "pages with top contexts, token search and a text box (opens from disk)")
     atlas.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
-    atlas.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
+    atlas.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     atlas.add_argument("--dtype", choices=DTYPES, default=None,
                        help="parameters and computation (default: float32 on a CPU, bfloat16 on TPU and GPU, "
                             "whatever dtype the checkpoint stores)")

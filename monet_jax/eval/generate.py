@@ -10,7 +10,7 @@ a few compiled shapes. Positions count only real tokens; padded slots are masked
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,7 +76,7 @@ class _Fixed(NamedTuple):
 
     key_mask: jax.Array    # bool [b, S]: real prompt tokens and every generated slot
     key: jax.Array         # PRNG key; step n samples with fold_in(key, n)
-    eos: jax.Array         # int32, -1 = none
+    eos: jax.Array         # int32 [k]: the ids that end a row (-1 = none)
     pad: jax.Array         # int32
     filler: jax.Array      # bool [b]: a row added to round the batch up (done from the start)
 
@@ -85,7 +85,8 @@ def _draw(s: Decoding, f: _Fixed, logits_bv, sampling: Sampling, keep_logits: bo
     tok = sample(logits_bv, jax.random.fold_in(f.key, s.n), sampling)
     tok = jnp.where(s.done, f.pad, tok)
     logits = s.logits.at[:, s.n].set(logits_bv) if keep_logits else s.logits
-    return s._replace(tokens=s.tokens.at[:, s.n].set(tok), logits=logits, done=s.done | (tok == f.eos), n=s.n + 1)
+    ended = jnp.any(tok[:, None] == jnp.atleast_1d(f.eos)[None, :], axis=-1)
+    return s._replace(tokens=s.tokens.at[:, s.n].set(tok), logits=logits, done=s.done | ended, n=s.n + 1)
 
 
 def _prefill(model, ids_bp, position_bp, f: _Fixed, new: int, sampling: Sampling, keep_logits: bool) -> Decoding:
@@ -111,13 +112,15 @@ def _decode(model, s: Decoding, f: _Fixed, stop, sampling: Sampling, keep_logits
     return jax.lax.while_loop(lambda s: (s.n < stop) & ~jnp.all(s.done), step, s)
 
 
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | None, pad_id: int = 0,
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | Sequence[int] | None,
+             pad_id: int = 0,
              sampling: Sampling = Sampling(), seed: int = 0, return_logits: bool = False,
              chunk: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
              pure: PureModel | None = None) -> dict:
     """Continue each prompt (token ids, bos included) by up to ``max_new_tokens``; a row stops after it
-    samples ``eos_id``. Returns ``tokens`` (new ids per row, eos included), timings (prefill with its
-    compilation; decoding after its first step) and optionally the logits each new token was drawn from.
+    samples ``eos_id`` (or any of several: a generation_config.json's list). Returns ``tokens`` (new ids per
+    row, eos included), timings (prefill with its compilation; decoding after its first step) and
+    optionally the logits each new token was drawn from.
 
     ``chunk``: return to the host every ``chunk`` tokens and call ``on_tokens`` with every row's tokens so
     far (``[b, n]``, ``pad_id`` after eos) for streaming. ``pure``: the model already split (repeated calls;
@@ -138,7 +141,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
         ids[i, p - len(prompt):] = prompt
         key_mask[i, p - len(prompt):p] = True
     positions = np.maximum(np.cumsum(key_mask[:, :p], axis=1) - 1, 0).astype(np.int32)
-    fixed = _Fixed(jnp.asarray(key_mask), jax.random.key(seed), jnp.int32(-1 if eos_id is None else eos_id),
+    eos = [] if eos_id is None else [int(eos_id)] if np.ndim(eos_id) == 0 else [int(e) for e in eos_id]
+    fixed = _Fixed(jnp.asarray(key_mask), jax.random.key(seed), jnp.asarray(eos or [-1], jnp.int32),
                    jnp.int32(pad_id), jnp.arange(b) >= rows)
     prefill = pure.jit(_prefill, static_argnums=(3, 4, 5), rows=b * p)
     decode = pure.jit(_decode, static_argnums=(3, 4), donate_argnums=(0,), rows=b)
@@ -168,7 +172,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: in
     out = np.asarray(state.tokens[:rows, :steps])
     tokens = []
     for row in out:
-        stop_at = np.flatnonzero(row == eos_id) if eos_id is not None else []
+        stop_at = np.flatnonzero(np.isin(row, eos))
         tokens.append(row[:stop_at[0] + 1].tolist() if len(stop_at) else row.tolist())
     timed = steps - (timed_from or steps)
     result = {"tokens": tokens, "prefill_seconds": prefill_s, "decode_seconds": decode_s,

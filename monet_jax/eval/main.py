@@ -12,7 +12,8 @@
     python eval.py perplexity runs/default/checkpoint --mask m/code.json     # any subcommand: --mask FILE
     python eval.py perplexity CK --distributed     # on every host: each process scores its share, one result
 
-Text is tokenized with the byte-level tokenizer of the embedded default run unless --tokenizer says otherwise.
+Text is tokenized with the checkpoint's own tokenizer (tokenizer.json / tokenizer.model beside its config.json,
+as transformers finds it) unless --tokenizer says otherwise; every command prints one line naming it first.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from monet_jax import distributed as dist
 from monet_jax.config import DTYPES, ConfigError
 from monet_jax.convert.readers import ConvertError
 from monet_jax.eval import experts_cli
+from monet_jax.eval.experts_cli import TOKENIZER_HELP
 
 
 def _parents():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
-    common.add_argument("--tokenizer", default="byte", help="byte, a tokenizer.json or a tokenizer.model")
+    common.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     common.add_argument("--mask", default=None, help="expert mask file: run with those composed experts deleted")
     common.add_argument("--dtype", choices=DTYPES, default=None,
                         help="parameters and computation (default: float32 on a CPU, bfloat16 on TPU and GPU, "
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     tsk.add_argument("--batch-size", type=int, default=8)
     gen = sub.add_parser("generate", parents=[common], help="continue prompts (KV cache; greedy, top-k, top-p)")
     gen.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    gen.add_argument("--chat", action="store_true",
+                     help="send each prompt as a user message, rendered with the checkpoint's chat_template")
+    gen.add_argument("--system", default=None, help="with --chat: a system message before the user's")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=int, default=0)
@@ -135,13 +140,18 @@ def held_out_documents() -> list:
 
 def _model_and_tokenizer(args):
     from monet_jax import MonetForCausalLM
-    from monet_jax.data.tokenizer import load_tokenizer
+    from monet_jax.convert.hf import read_config
+    from monet_jax.data.tokenizer_files import tokenizer_for_checkpoint
     from monet_jax.experts.mask import load_mask
 
+    vocab = read_config(args.checkpoint).vocab_size
+    tokenizer = tokenizer_for_checkpoint(args.checkpoint, args.tokenizer, vocab_size=vocab)  # before any compute
+    if getattr(args, "chat", False) and not tokenizer.chat_template:
+        raise ValueError(f"--chat: the tokenizer {tokenizer.describe()} has no chat_template (tokenizer_config.json "
+                         "or chat_template.jinja): not a chat model")
+    if jax.process_index() == 0:
+        print(f"tokenizer: {tokenizer.source}", flush=True)
     model = MonetForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
     return load_mask(model, args.mask), tokenizer
 
 
@@ -150,30 +160,39 @@ def _generate(args, model, tokenizer) -> int:
 
     if args.stream and len(args.prompt) > 1:
         raise ValueError("--stream prints one prompt's text as it comes: give a single --prompt")
-    prompts = [[tokenizer.bos_id, *map(int, tokenizer.encode(p))] for p in args.prompt]
+    from monet_jax.data.chat import chat_ids, chat_messages, prompt_ids
+
+    if args.system and not args.chat:
+        raise ValueError("--system is a chat message: add --chat")
+    # Chat: the reply alone is printed after each prompt; otherwise the prompt and its continuation.
+    prompts = [chat_ids(tokenizer, chat_messages(p, args.system)) if args.chat else prompt_ids(tokenizer, p)
+               for p in args.prompt]
+    shown = ["" if args.chat else p for p in args.prompt]
+    stops = set(tokenizer.eos_ids)  # generation_config.json may list several
     printed = [""]
 
     def show(tokens_bn, final: bool = False):
         """Print the text new since the last chunk; all tokens so far are decoded, and an unfinished
         character (a replacement mark at the end) waits for the next chunk."""
         ids = list(tokens_bn[0])
-        text = tokenizer.decode(ids[:ids.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in ids else ids)
+        end = next((k for k, t in enumerate(ids) if t in stops), None)
+        text = tokenizer.decode(ids if end is None else ids[:end + 1])
         text = text if final else text.rstrip("\ufffd")
         print(text[len(printed[0]):], end="", flush=True)
         printed[0] = text
 
     if args.stream:
-        print(f"--- prompt 1: {args.prompt[0]!r}\n{args.prompt[0]}", end="", flush=True)
-    res = generate(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_id,
+        print(f"--- prompt 1: {args.prompt[0]!r}\n{shown[0]}", end="", flush=True)
+    res = generate(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tokenizer.eos_ids,
                    pad_id=tokenizer.pad_id, seed=args.seed, sampling=Sampling(args.temperature, args.top_k, args.top_p),
                    chunk=args.stream or None, on_tokens=show if args.stream else None)
     if args.stream:
         show([res["tokens"][0]], final=True)
         print()
     else:
-        for i, (prompt, new) in enumerate(zip(args.prompt, res["tokens"], strict=True), 1):
+        for i, (prompt, start, new) in enumerate(zip(args.prompt, shown, res["tokens"], strict=True), 1):
             print(f"--- prompt {i}: {prompt!r}")
-            print(prompt + tokenizer.decode(new))
+            print(start + tokenizer.decode(new))
     rate = res["decode_tokens_per_second"]
     print(f"prefill {res['prefill_seconds']:.2f}s (with compile); decode "
           + (f"{rate:,.1f} tokens/s" if rate else "n/a tokens/s") + f" at batch {len(prompts)}")

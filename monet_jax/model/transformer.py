@@ -250,19 +250,31 @@ class MonetForCausalLM(nnx.Module):
         return cls.from_flat(config, flat)
 
     def save_pretrained(self, out_dir: str | Path, *, torch_dtype: str | None = None,
-                        max_shard_size: int | str = "5GB", overwrite: bool = False) -> Path:
-        """Hugging Face layout (``config.json`` + safetensors), loadable by the upstream PyTorch code."""
+                        max_shard_size: int | str = "5GB", overwrite: bool = False, tokenizer=None) -> Path:
+        """Hugging Face layout (``config.json`` + safetensors), loadable by the upstream PyTorch code;
+        ``tokenizer`` (one of ``monet_jax.data.tokenizer``'s) is written beside the weights."""
         from monet_jax.convert import hf
 
         flat = self.flat_state()
         return hf.write_hf(out_dir, self.config, lambda spec: np.asarray(flat[spec.path_str]),
-                           torch_dtype=torch_dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+                           torch_dtype=torch_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                           extra=_tokenizer_writer(tokenizer))
 
-    def save_checkpoint(self, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-        """Our own format: ``config.json`` + an Orbax ``state/`` (restores with ``from_pretrained``)."""
+    def save_checkpoint(self, out_dir: str | Path, *, overwrite: bool = False, tokenizer=None) -> Path:
+        """Our own format: ``config.json`` + an Orbax ``state/`` (restores with ``from_pretrained``), and
+        ``tokenizer``'s files when given."""
         from monet_jax.convert import hf
 
-        return hf.save_orbax(out_dir, self.config, self.flat_state(), overwrite=overwrite)
+        return hf.save_orbax(out_dir, self.config, self.flat_state(), overwrite=overwrite,
+                             extra=_tokenizer_writer(tokenizer))
+
+
+def _tokenizer_writer(tokenizer):
+    if tokenizer is None:
+        return None
+    from monet_jax.data.tokenizer_files import save_tokenizer
+
+    return lambda directory: save_tokenizer(tokenizer, directory)
 
 
 def count_model_params(config: MonetConfig) -> int:

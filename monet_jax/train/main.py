@@ -199,7 +199,7 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
 
     model, _ = ts.modules()
     model.eval()
-    model.save_checkpoint(out / "checkpoint", overwrite=True)
+    model.save_checkpoint(out / "checkpoint", overwrite=True, tokenizer=tokenizer)  # eval.py reads it from there
     ran = final_step - start
     summary = {"steps": cfg.optim.steps, "resumed_from": start, "skipped_steps": skipped,
                "first_train_loss": first["ce"] if first else None, "final_train_loss": last["ce"] if last else None,
