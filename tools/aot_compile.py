@@ -1,4 +1,4 @@
-"""Compile the training step for a TPU topology on this machine: see ``monet_jax.train.aot``."""
+"""Compile the training step (or decoding loop) for a TPU topology or an H100 here: see ``monet_jax.train.aot``."""
 
 import sys
 

@@ -1,7 +1,16 @@
-"""Compile the real training step for a TPU topology on a machine without TPUs (libtpu required).
+"""Compile the real training step for a TPU topology, or for one H100, on a machine without either.
 
     python tools/aot_compile.py --config configs/monet-vd-1.4b.yaml --topology v4:4x4x2 \\
         data.batch_size=1024 data.seq_len=2048 mesh.data=1 mesh.fsdp=-1 model.remat=group optim.grad_accum=4
+    python tools/aot_compile.py --config configs/monet-vd-1.4b.yaml --topology h100 --hlo step.hlo \\
+        data.batch_size=8 data.seq_len=2048 model.compute_dtype=bfloat16
+    python tools/aot_compile.py --config configs/monet-vd-1.4b.yaml --topology h100 --decode 1 \\
+        model.param_dtype=bfloat16 model.compute_dtype=bfloat16
+
+TPU topologies need libtpu; ``h100`` needs jax's CUDA plugin (``monet_jax.train.aot_gpu``) and also lists
+the optimized program's kernels (Triton / cuBLAS / cuDNN / Pallas calls, products done as multiply + reduce,
+buffers shaped like ``[b, heads, t, t]``). ``--decode B`` compiles the decoding loop of ``generate`` at B rows
+instead of the training step (GPU targets).
 
 Prints per-device memory (against the chip's HBM) and the compiler's cost analysis: FLOPs, bytes (plus
 the operand and result bytes of Pallas kernels, which the compiler does not count), its estimated step
@@ -205,18 +214,29 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=None,
                    help="YAML config (repeatable: merged in order); default: the embedded tiny run")
-    p.add_argument("--topology", default="v4:2x2x2", help="TPU topology, e.g. v4:4x4x2 (32 chips)")
+    p.add_argument("--topology", default="v4:2x2x2", help="TPU topology, e.g. v4:4x4x2 (32 chips), or h100 (one GPU)")
     p.add_argument("--per-core", action="store_true", help="one device per TensorCore instead of megacore")
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--memory-only", action="store_true",
                    help="compile the step once for memory and kernels; skip the unrolled compile for the costs")
+    p.add_argument("--hlo", default=None, help="write the optimized program's text to this file")
+    p.add_argument("--decode", type=int, default=None, metavar="B",
+                   help="compile the decoding loop at B rows instead of the training step (GPU targets)")
+    p.add_argument("--strength-reduction", action="store_true",
+                   help="with --decode: leave XLA's rewrite of one-row products into multiply + reduce on")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs on CPU; the TPU exists only as a topology
 
     from monet_jax.config import ConfigError
+    from monet_jax.train import aot_gpu
     from monet_jax.train.config import TrainConfig
 
+    if aot_gpu.is_gpu_target(args.topology):
+        return _main_gpu(args)
+    if args.decode is not None:
+        print("aot_compile: error: --decode compiles for GPU targets only (--topology h100)", file=sys.stderr)
+        return 2
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -234,7 +254,73 @@ def main(argv: list[str] | None = None) -> int:
         reason = next((line.strip() for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
         print(f"aot_compile: does not fit on {args.topology}: {reason[:300]}", file=sys.stderr)
         return 1
+    if args.hlo:
+        print("--hlo: the TPU compile keeps no optimized text here; use XLA_FLAGS=--xla_dump_to", file=sys.stderr)
     print(_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0 if result["fits"] else 1
+
+
+def _report_gpu(r: dict) -> str:
+    from monet_jax.train import aot_gpu
+
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    m = r["memory_per_device"]
+    head = (f"{r['topology']} ({r['device_kind']}), compiled on this host in {r['compile_seconds']}s")
+    lines = [head, f"memory per device: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])}, temporaries "
+             f"{gib(m['temporaries'])}, aliased {gib(m['aliased'])}; total {gib(m['total'])} of "
+             f"{gib(r['hbm_per_device'])} HBM -> {'fits' if r['fits'] else 'DOES NOT FIT'}"]
+    if "kernels_per_step" in r:  # decoding
+        s = r["step"]
+        lines += [f"decoding {r['batch']} row(s) as {r['rows']} ({'sparse' if r['sparse'] else 'dense'} experts), "
+                  f"{r['cache_slots']} cache slots; one-row products "
+                  + ("left to XLA's strength reduction" if r["strength_reduction"] else "kept as matrix products"),
+                  f"kernels per step: {r['kernels_per_step']} ({s['gemm_triton']} Triton products, "
+                  f"{s['cublas']} cuBLAS, {s['pallas_triton']} Pallas, {s['fusion']} XLA fusions, {s['other']} other); "
+                  f"products as multiply + reduce: {s['multiply_reduce_products']}",
+                  f"one step: {r['step_flops']:.4g} FLOPs, {r['step_bytes']:.4g} bytes (XLA's count); weights "
+                  f"{r['weight_bytes']:.4g} bytes -> roofline {r['roofline_steps_per_second']:.0f} steps/s"]
+        return "\n".join(lines)
+    lines += [f"{r['tokens_per_step']:,} tokens per step", *aot_gpu.report_inventory(r["inventory"])]
+    if "bytes_per_device" in r:
+        lines += [f"cost: {r['flops_per_device']:.4g} FLOPs ({r['compiler_flops_per_device']:.4g} counted by XLA + "
+                  f"{r['custom_call_flops_per_device']:.4g} in cuBLAS / cuDNN calls), {r['bytes_per_device']:.4g} "
+                  f"bytes ({r['compiler_bytes_per_device']:.4g} by XLA + {r['kernel_bytes_per_device']:.4g} of "
+                  "Pallas kernels)",
+                  f"roofline step {r['estimated_step_seconds']:.3f}s; model FLOPs {r['model_flops_per_step']:.4g}"
+                  + (f"; implied MFU {100 * r['implied_mfu']:.1f}%" if r["implied_mfu"] is not None else ""),
+                  "where the bytes go (top-level instructions, operand + result bytes):", r["bytes_table"]]
+    return "\n".join(lines)
+
+
+def _main_gpu(args) -> int:
+    from monet_jax.config import ConfigError
+    from monet_jax.train import aot_gpu
+    from monet_jax.train.config import TrainConfig
+
+    if not aot_gpu.plugin_available():
+        print("aot_compile: error: jax's CUDA plugin is not installed (pip install 'monet-jax[gpu-aot]')",
+              file=sys.stderr)
+        return 2
+    try:
+        cfg = TrainConfig.load(args.config, args.overrides)
+        if args.decode is not None:
+            result = aot_gpu.compile_decode(cfg.model, args.topology, batch=args.decode, hlo_path=args.hlo,
+                                            strength_reduction=args.strength_reduction)
+        else:
+            result = aot_gpu.compile_train_step(cfg, args.topology, cost=not args.memory_only, hlo_path=args.hlo)
+    except (ConfigError, ValueError) as e:
+        print(f"aot_compile: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # the GPU compiler refusing the program for memory is an answer, not a crash
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        reason = next((line.strip() for line in str(e).splitlines() if "RESOURCE_EXHAUSTED" in line), str(e))
+        print(f"aot_compile: does not fit on {args.topology}: {reason[:300]}", file=sys.stderr)
+        return 1
+    print(_report_gpu(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,0 +1,423 @@
+"""Compile the training step and the decoding loop for a GPU (an H100) on a host without one.
+
+jax's CUDA plugin compiles for a device it is only told about: ``get_topology_desc(platform="cuda",
+topology="1x1x1", target_config=...)`` under ``JAX_PLATFORMS=cpu`` takes a text ``GpuTargetConfigProto``
+(``targets/h100.txtpb``, written from the card's published figures) and gives a compile-only device. XLA
+then runs its whole GPU pipeline (fusion, Triton and cuBLAS products, Pallas Triton kernels, buffer
+assignment), so memory and the optimized program are what a GPU would run, except that matrix-product
+tiles are not autotuned (no device to time them on). ``cost_analysis()`` returns None there, so the
+costs come from XLA's analysis of the optimized module run through the CPU client (:func:`module_cost`),
+plus the products of cuBLAS / cuDNN calls counted from their shapes (:func:`custom_call_flops`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+from monet_jax.train import hlo_bytes
+
+TARGETS = Path(__file__).resolve().parent / "targets"
+# HBM and its bandwidth per target, and the target proto file; HBM is the card's, not jax's default pool
+# (jax preallocates 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).
+GPU_TARGETS = {"h100": {"file": "h100.txtpb", "hbm_bytes": 80 * 2**30, "hbm_bytes_per_s": 3.35e12}}
+# What XLA:GPU disables at one-row products: rewriting ``x @ W`` as ``x * W`` summed (see ``decode_options``).
+NO_STRENGTH_REDUCTION = {"xla_disable_hlo_passes": "dot-strength-reduction"}
+
+
+def plugin_available() -> bool:
+    """Whether jax's CUDA plugin (any CUDA major version) is installed: it compiles for the GPU target."""
+    return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") is not None for v in (12, 13))
+
+
+def is_gpu_target(name: str) -> bool:
+    return name in GPU_TARGETS
+
+
+@functools.cache
+def gpu_devices(name: str = "h100"):
+    """The compile-only devices of a GPU target (one GPU), through the CUDA plugin on this host."""
+    from jax.experimental import topologies
+
+    if name not in GPU_TARGETS:
+        raise ValueError(f"unknown GPU target {name!r} (known: {', '.join(GPU_TARGETS)})")
+    if not plugin_available():
+        raise ValueError("the CUDA plugin is not installed (pip install 'monet-jax[gpu-aot]')")
+    text = (TARGETS / GPU_TARGETS[name]["file"]).read_text()
+    return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=text).devices
+
+
+# -- the optimized program's kernels ------------------------------------------------------------------------
+
+
+def _called(line: str) -> list[str]:
+    return [n.strip().lstrip("%") for n in re.findall(r"calls=%?([\w.\-]+)", line)]
+
+
+def _fusion_kind(ins: hlo_bytes.Instruction) -> str:
+    m = re.search(r'"fusion_backend_config":\{"kind":"([^"]+)"', ins.line)
+    kind = (re.search(r"kind=(\w+)", ins.line) or [None, "?"])[1]
+    return m.group(1) if m else kind
+
+
+def _target(ins: hlo_bytes.Instruction) -> str:
+    return (re.search(r'custom_call_target="([^"]+)"', ins.line) or [None, "?"])[1]
+
+
+def classify(ins: hlo_bytes.Instruction) -> str | None:
+    """What kernel a top-level instruction launches: ``gemm_triton`` (an XLA Triton product), ``cublas``,
+    ``cudnn``, ``pallas_triton`` (a Pallas kernel), ``triton`` (other XLA Triton fusions), ``fusion``
+    (XLA's own loop / reduction kernels), ``other`` (a lone copy, reduce, sort...), or None (no kernel)."""
+    if ins.opcode in hlo_bytes.FREE or ins.opcode.endswith("-done"):
+        return None
+    if ins.opcode == "custom-call":
+        target = _target(ins)
+        if target.startswith("__cublas"):
+            return "cublas"
+        if target.startswith("__cudnn"):
+            return "cudnn"
+        if target in hlo_bytes.KERNEL_TARGETS:
+            return "pallas_triton"
+        return "other"
+    if ins.opcode == "fusion":
+        kind = _fusion_kind(ins)
+        if "gemm" in kind:
+            return "gemm_triton"
+        if kind.startswith("__cudnn"):
+            return "cudnn"
+        if kind.startswith("__triton"):
+            return "triton"
+        if kind.startswith("__cublas") or "cublas" in kind:
+            return "cublas"
+        return "fusion"
+    return "other"
+
+
+def _strength_reduced(comps) -> set[str]:
+    """Computations (transitively) holding a ``multiply`` that XLA made from a ``dot_general``: a product
+    rewritten as elementwise multiply + reduce."""
+    direct = {name for name, instrs in comps.items()
+              if any(i.opcode == "multiply" and re.search(r'op_name="[^"]*dot_general', i.line) for i in instrs)}
+    out, changed = set(direct), True
+    while changed:
+        changed = False
+        for name, instrs in comps.items():
+            if name not in out and any(set(_called(i.line)) & out for i in instrs if i.opcode == "fusion"):
+                out.add(name)
+                changed = True
+    return out
+
+
+def _trip_count(ins: hlo_bytes.Instruction) -> int | None:
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+    return int(m.group(1)) if m else None
+
+
+def score_buffers(comps, entry, seq_len: int, rows_x_heads: int) -> list[str]:
+    """Shapes of buffers (top-level results, which live in memory) shaped like attention scores: the last two
+    dimensions ``seq_len`` and the leading ones ``rows_x_heads`` elements or more (``[b, heads, t, t]``,
+    ``[b, kv, r, t, t]``, ``[b * heads, t, t]``; not the ``[b, t, t]`` mask)."""
+    found = set()
+    for ins in hlo_bytes.top_level(comps, entry):
+        for dtype, dims, _ in hlo_bytes._ARRAY.findall(ins.shape):
+            shape = [int(d) for d in dims.split(",") if d and int(d) != 1]  # [b, n, t, t, 1] too
+            if len(shape) >= 3 and shape[-2:] == [seq_len, seq_len] and math.prod(shape[:-2]) >= rows_x_heads:
+                found.add(f"{dtype}[{dims}]")
+    return sorted(found)
+
+
+def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | None = None) -> dict:
+    """The kernels of an optimized GPU program: counts per class for the whole program run once (loop
+    bodies once each) and, per ``while`` loop, its body's kernels with the loop's trip count; custom-call
+    targets; products done as multiply + reduce; buffers shaped like ``[b, heads, t, t]`` scores."""
+    comps, entry = hlo_bytes.parse(hlo_text)
+    reduced = _strength_reduced(comps)
+
+    def count(names):
+        classes, targets, fusions, mul_reduce = Counter(), Counter(), Counter(), 0
+        for name in names:
+            for ins in comps.get(name, []):
+                c = classify(ins)
+                if c is None:
+                    continue
+                classes[c] += 1
+                if ins.opcode == "custom-call":
+                    targets[_target(ins)] += 1
+                if ins.opcode == "fusion":
+                    fusions[_fusion_kind(ins)] += 1
+                    mul_reduce += bool(set(_called(ins.line)) & reduced)
+                elif ins.opcode == "multiply" and name in reduced:
+                    mul_reduce += 1
+        return {"kernels": sum(classes.values()), **{k: classes.get(k, 0) for k in
+                ("gemm_triton", "cublas", "cudnn", "pallas_triton", "triton", "fusion", "other")},
+                "fusion_kinds": dict(fusions), "custom_call_targets": dict(targets),
+                "multiply_reduce_products": mul_reduce}
+
+    top = {entry} if entry else set()
+    loops, seen, todo = [], set(), list(top)
+    while todo:  # the entry and every call / conditional / loop it reaches run as kernels of their own
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for ins in comps[name]:
+            if ins.opcode in ("while", "call", "conditional"):
+                for group in hlo_bytes._CALLEES.findall(ins.line):
+                    todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
+            if ins.opcode == "while":
+                body = re.search(r"body=%?([\w.\-]+)", ins.line).group(1)
+                loops.append((body, _trip_count(ins)))
+    result = count(seen)
+    result["loops"] = []
+    for body, trips in loops:
+        inner, todo = set(), [body]
+        while todo:
+            name = todo.pop()
+            if name in inner or name not in comps:
+                continue
+            inner.add(name)
+            for ins in comps[name]:
+                if ins.opcode in ("while", "call", "conditional"):
+                    for group in hlo_bytes._CALLEES.findall(ins.line):
+                        todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
+        result["loops"].append({"body": body, "trip_count": trips, **count(inner)})
+    result["score_buffers"] = score_buffers(comps, entry, seq_len, rows_x_heads) if seq_len and rows_x_heads else []
+    return result
+
+
+def _dims(shape: str) -> list[list[int]]:
+    return [[int(d) for d in dims.split(",") if d] for _, dims, _ in hlo_bytes._ARRAY.findall(shape)]
+
+
+def custom_call_flops(hlo_text: str) -> dict:
+    """FLOPs of cuBLAS and cuDNN calls, which XLA's cost analysis does not count, from their shapes: a
+    product is ``2 * result elements * contracted size``; cuDNN attention ``4 * b * n * tq * tk * d`` forward
+    and ``10 *`` that backward (five products), halved when causal. Loop bodies counted once each."""
+    comps, _ = hlo_bytes.parse(hlo_text)
+    shapes = {i.name: i.shape for instrs in comps.values() for i in instrs}
+    out = {"cublas": 0.0, "cudnn": 0.0}
+    for instrs in comps.values():
+        for ins in instrs:
+            if ins.opcode != "custom-call":
+                continue
+            target = _target(ins)
+            operands = [_dims(shapes.get(o, ""))[0] for o in ins.operands if _dims(shapes.get(o, ""))]
+            if target.startswith("__cublas") and len(operands) >= 2:
+                result = _dims(ins.shape)[0]
+                m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.line)
+                contract = [int(x.strip('" ')) for x in m.group(1).split(",") if x.strip('" ')] if m else [-1]
+                out["cublas"] += 2.0 * math.prod(result) * math.prod(operands[0][c] for c in contract)
+            elif target.startswith("__cudnn$fmha") and len(operands) >= 3:
+                q, k = operands[0], operands[1]
+                b, n, tq, tk, d = q[0], q[2], q[1], k[1], q[3]  # jax's cuDNN attention: [b, t, n, d]
+                work = 4.0 * b * n * tq * tk * d * (2.5 if "Backward" in target else 1.0)
+                out["cudnn"] += work * (0.5 if "CAUSAL" in ins.line.upper() else 1.0)
+    return out
+
+
+def module_cost(compiled) -> dict | None:
+    """XLA's cost analysis of the optimized module, run through the CPU client (the GPU client that
+    compiled it has no device); loop bodies are counted once. None where this jax does not offer it."""
+    import jax
+
+    try:
+        from jax._src.lib import xla_client
+
+        analyse = xla_client._xla.hlo_module_cost_analysis
+        try:
+            module = compiled.runtime_executable().hlo_modules()[0]
+        except Exception:  # noqa: BLE001 - an executable that does not hand out its module: parse the text
+            from jaxlib import _hlo
+
+            module = _hlo.hlo_module_from_text(compiled.as_text())
+        return dict(analyse(jax.devices("cpu")[0].client, module))
+    except (AttributeError, ImportError, RuntimeError):
+        return None
+
+
+def memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes \
+        - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
+    return {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+            "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+            "code": mem.generated_code_size_in_bytes, "total": total}
+
+
+def costs(compiled, hlo_text: str, model_flops: float, target: str) -> dict:
+    """FLOPs and bytes of a compiled program without loops worth scaling (or per loop body run once):
+    XLA's count plus the custom calls' products (:func:`custom_call_flops`) and their operand and result
+    bytes (``hlo_bytes``), and the roofline step time of both against the target's peaks."""
+    from monet_jax.train import metrics as M
+
+    cost = module_cost(compiled) or {}
+    extra = custom_call_flops(hlo_text)
+    ops = hlo_bytes.instruction_bytes(hlo_text)
+    library = [o for o in ops if o.kind.startswith("custom-call:__cu")]  # cuBLAS, cuDNN
+    custom = sum(o.bytes for o in library)
+    compiler_flops = float(cost.get("flops", float("nan")))
+    compiler_bytes = float(cost.get("bytes accessed", float("nan")))
+    flops = compiler_flops + extra["cublas"] + extra["cudnn"]
+    kernel = hlo_bytes.kernel_bytes(ops)
+    nbytes = compiler_bytes + kernel
+    peak = next(f for name, f in M.PEAK_FLOPS if name.lower() == target.lower())
+    seconds = max(max(flops, model_flops) / peak, nbytes / GPU_TARGETS[target]["hbm_bytes_per_s"])
+    return {
+        "cost_pieces_per_step": 1, "compiler_flops_per_device": compiler_flops,
+        "custom_call_flops_per_device": extra["cublas"] + extra["cudnn"], "flops_per_device": flops,
+        "compiler_bytes_per_device": compiler_bytes, "kernel_bytes_per_device": kernel,
+        "custom_call_bytes_per_device": custom, "bytes_per_device": nbytes,
+        "bytes_table": hlo_bytes.table(ops, top=15),
+        "table_hbm_bytes_per_device": sum(o.bytes for o in ops), "table_other_space_bytes_per_device": 0.0,
+        "compiler_optimal_seconds": float("nan"), "estimated_step_seconds": seconds,
+        "step_time_estimate": "roofline", "model_flops_per_step": model_flops,
+        "implied_mfu": model_flops / (seconds * peak) if seconds > 0 else None,
+    }
+
+
+# -- the programs ------------------------------------------------------------------------------------------
+
+
+def compile_train_step(cfg, target: str = "h100", *, cost: bool = True, hlo_path: str | None = None,
+                       compiler_options: dict | None = None) -> dict:
+    """The training step of ``cfg`` compiled for one GPU of ``target``: memory, kernels and costs, with the
+    same fields as the TPU compile (``aot.compile_for_topology``) plus ``inventory``."""
+    import jax
+    from flax import nnx
+
+    from monet_jax import sharding
+    from monet_jax.kernels import dispatch
+    from monet_jax.train import metrics as M
+    from monet_jax.train.step import BATCH_KEYS, TrainState, _build, make_train_step
+
+    devices = gpu_devices(target)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    cfg = dataclasses.replace(cfg, init_from=None)
+    # A flat program (no loops) when costs are wanted: XLA's analysis counts a loop body once.
+    if cost:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_groups=False),
+                                  optim=dataclasses.replace(cfg.optim, grad_accum=1))
+    with dispatch.lowering_for("gpu"):
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg)))
+        ts = TrainState(graphdef, abstract, sharding.state_shardings(abstract, mesh), mesh)
+        rows, seq = cfg.data.batch_size, cfg.data.seq_len
+        batch_sh = sharding.batch_sharding(mesh, 2)
+        batch = {k: jax.ShapeDtypeStruct((rows, seq), "float32" if k == "loss_mask" else "int32", sharding=batch_sh)
+                 for k in BATCH_KEYS}
+        t0 = time.perf_counter()
+        step = make_train_step(ts, cfg)
+        with sharding.activate(mesh):
+            compiled = step.jitted.lower(ts.abstract(), batch).compile(compiler_options=compiler_options)
+    seconds = time.perf_counter() - t0
+    text = compiled.as_text()
+    if hlo_path:
+        Path(hlo_path).write_text(text)
+    mem = memory(compiled)
+    hbm = GPU_TARGETS[target]["hbm_bytes"]
+    inv = inventory(text, seq, rows * cfg.model.num_attention_heads)
+    result = {
+        "topology": target, "devices": len(devices), "chips": len(devices), "device_kind": devices[0].device_kind,
+        "megacore": False, "mesh": dict(mesh.shape), "tokens_per_step": rows * seq,
+        "compile_seconds": round(seconds, 1), "kernel_calls": inv["pallas_triton"],
+        "memory_per_device": mem, "hbm_per_device": hbm, "fits": mem["total"] <= hbm, "inventory": inv,
+    }
+    if cost:
+        result |= costs(compiled, text, rows * seq * M.train_flops_per_token(cfg.model, seq), target)
+    return result
+
+
+def decode_options(target_platform: str) -> dict | None:
+    """Compiler options for decoding on ``target_platform``: on a GPU, XLA's dot strength reduction off, so a
+    one-row product stays a matrix product instead of ``x * W`` written out and summed (3x the weight bytes)."""
+    return dict(NO_STRENGTH_REDUCTION) if target_platform == "gpu" else None
+
+
+def compile_decode(cfg, target: str = "h100", *, batch: int = 1, prompt: int = 128, new_tokens: int = 128,
+                   hlo_path: str | None = None, strength_reduction: bool = False) -> dict:
+    """The decoding loop of ``generate`` (``lax.while_loop`` over one-token steps, cache donated) compiled
+    for one GPU of ``target`` at ``batch`` rows: memory, kernels per step (the loop body's) and one step's
+    costs. ``strength_reduction``: leave XLA's rewrite of one-row products on (to compare)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from monet_jax.eval import generate as G
+    from monet_jax.kernels import dispatch
+    from monet_jax.model import MonetForCausalLM
+    from monet_jax.model.pure import PureModel, decodes_sparse
+
+    devices = gpu_devices(target)
+    mesh = jax.sharding.Mesh(devices, ("data",))
+    rep = NamedSharding(mesh, PartitionSpec())
+    put = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+    with dispatch.lowering_for("gpu"):
+        b = G.bucket(batch, G.least_rows())
+        p, total = G.bucket(prompt, 8), G.bucket(G.bucket(prompt, 8) + new_tokens)
+        sparse = decodes_sparse(cfg, b)
+        holder = {}
+
+        def split():
+            holder["pure"] = PureModel(MonetForCausalLM(cfg, rngs=nnx.Rngs(0)), expert_rows=sparse)
+            return holder["pure"].leaves
+
+        leaves = put(jax.eval_shape(split))
+        pure = holder["pure"]
+        fixed = put(G._Fixed(jax.ShapeDtypeStruct((b, total), jnp.bool_), jax.eval_shape(lambda: jax.random.key(0)),
+                             jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                             jax.ShapeDtypeStruct((b,), jnp.bool_)))
+        sampling = G.Sampling()
+
+        def run(fn, *args):
+            return fn(nnx.merge(pure.graphdef, jax.tree.unflatten(pure.treedef, args[0])), *args[1:])
+
+        ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=rep)
+        state = put(jax.eval_shape(lambda lv, i, f: run(G._prefill, lv, i, i, f, total - p, sampling, False),
+                                   leaves, ids, fixed))
+        loop = jax.jit(lambda lv, s, f, stop: run(G._decode, lv, s, f, stop, sampling, False), donate_argnums=(1,))
+        options = None if strength_reduction else decode_options("gpu")
+        t0 = time.perf_counter()
+        compiled = loop.lower(leaves, state, fixed, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)).compile(
+            compiler_options=options)
+    seconds = time.perf_counter() - t0
+    text = compiled.as_text()
+    if hlo_path:
+        Path(hlo_path).write_text(text)
+    inv = inventory(text, None, None)
+    body = max(inv["loops"], key=lambda lp: lp["kernels"]) if inv["loops"] else inv
+    mem = memory(compiled)
+    hbm = GPU_TARGETS[target]["hbm_bytes"]
+    cost = module_cost(compiled) or {}
+    extra = custom_call_flops(text)
+    weights = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(leaves))
+    return {
+        "topology": target, "device_kind": devices[0].device_kind, "batch": batch, "rows": b, "cache_slots": total,
+        "sparse": sparse, "strength_reduction": strength_reduction, "compile_seconds": round(seconds, 1),
+        "memory_per_device": mem, "hbm_per_device": hbm, "fits": mem["total"] <= hbm, "weight_bytes": weights,
+        "kernels_per_step": body["kernels"], "step": body, "inventory": inv,
+        # XLA's count covers the loop body once, i.e. one step (plus the loop's bookkeeping).
+        "step_flops": float(cost.get("flops", float("nan"))) + extra["cublas"] + extra["cudnn"],
+        "step_bytes": float(cost.get("bytes accessed", float("nan"))),
+        "roofline_steps_per_second": GPU_TARGETS[target]["hbm_bytes_per_s"] / weights,
+    }
+
+
+def report_inventory(inv: dict) -> list[str]:
+    lines = [f"kernels (loop bodies once): {inv['kernels']} = {inv['gemm_triton']} Triton products + "
+             f"{inv['cublas']} cuBLAS + {inv['cudnn']} cuDNN + {inv['pallas_triton']} Pallas (Triton) + "
+             f"{inv['triton']} other Triton fusions + {inv['fusion']} XLA fusions + {inv['other']} other",
+             f"  fusion kinds: {json.dumps(inv['fusion_kinds'], sort_keys=True)}",
+             f"  products done as multiply + reduce: {inv['multiply_reduce_products']}; "
+             f"[b, heads, t, t] buffers: {', '.join(inv['score_buffers']) or 'none'}"]
+    for lp in inv["loops"]:
+        products = lp["gemm_triton"] + lp["cublas"]
+        lines.append(f"  loop {lp['body']} (trip count {lp['trip_count']}): {lp['kernels']} kernels a pass, "
+                     f"{products} products, {lp['multiply_reduce_products']} as multiply + reduce")
+    return lines
