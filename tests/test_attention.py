@@ -3,6 +3,7 @@ from the model's definition: causal, within a packed document, never to a paddin
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -135,7 +136,9 @@ def test_choice_and_logged_fallback(caplog):
         assert attention.choose("auto", 256, 64) == "xla"      # CPU: the kernel lowers for TPU only
         with caplog.at_level(logging.WARNING):
             assert attention.choose("flash", 256, 64) == "xla"
-        assert "lowers for TPU only" in caplog.text
+        assert "lower for TPU and GPU only" in caplog.text
+        with dispatch.lowering_for("gpu"):
+            assert attention.choose("auto", 256, 64) == "flash"  # a GPU target: the Pallas Triton kernel
     with caplog.at_level(logging.WARNING):
         assert attention.choose("flash", 100, 64) == "xla"
     assert "do not tile" in caplog.text
@@ -176,3 +179,43 @@ def test_flash_under_a_mesh():
         with sharding.activate(mesh):
             outs.append(nnx.jit(lambda m, i: m(i).logits)(model, jax.device_put(ids, sharding.batch_sharding(mesh))))
     np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), atol=1e-5, rtol=1e-5)
+
+
+# -- GPU: the Pallas Triton kernel ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b,t,n,g,d", [(1, 256, 4, 2, 32), pytest.param(2, 384, 2, 1, 64, marks=pytest.mark.slow)])
+def test_gpu_flash_matches_softmax_attention(b, t, n, g, d):
+    """The GPU kernel (interpret mode, its forward and Triton backward): outputs and gradients of every real
+    query equal the reference's in float32, with packed documents, left padding and grouped-query heads."""
+    q, k, v, seg, am = inputs(b, t, n, g, d)
+    ids = attention.segments(jnp.asarray(am), jnp.asarray(seg), b, t)
+    real = am.astype(bool)
+    ct = jax.random.normal(jax.random.key(3), (b, t, n, d)) * real[:, :, None, None]
+    with dispatch.lowering_for("gpu"):
+        out, pullback = jax.vjp(lambda q, k, v: attention.flash_attention(q, k, v, ids), q, k, v)
+        got = pullback(ct)
+    want, ref_pullback = jax.vjp(lambda q, k, v: attention.attention_reference(q, k, v, ids), q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[real], softmax_attention(q, k, v, mask_of(am, seg, t))[real],
+                               atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], atol=2e-5, rtol=1e-5)
+    for a, w in zip(got, ref_pullback(ct), strict=True):
+        w = np.asarray(w)
+        np.testing.assert_allclose(np.asarray(a), w, atol=2e-5 * max(1.0, np.abs(w).max()), rtol=1e-4)
+
+
+def test_gpu_flash_lowers_for_cuda_without_scores():
+    """Forward and backward in bfloat16 lowered for CUDA from this host: three Triton calls (the forward, the
+    backward's preprocessing, the fused dK/dV/dQ pass) and no ``[b, heads, t, t]`` tensor anywhere."""
+    b, t, n, g, d = 2, 512, 4, 2, 64
+    bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+
+    def loss(q, k, v, seg):
+        return attention.flash_attention(q, k, v, seg).astype(jnp.float32).sum()
+
+    args = (bf(b, t, n, d), bf(b, t, g, d), bf(b, t, g, d), jax.ShapeDtypeStruct((b, t), jnp.int32))
+    with dispatch.force_interpret(False), dispatch.lowering_for("gpu"):
+        text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r"custom_call @(\S+)\(", text)
+    assert calls == ["__gpu$xla.gpu.triton"] * 3, calls
+    assert f"x{t}x{t}x" not in text and f"<{t}x{t}x" not in text

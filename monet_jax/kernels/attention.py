@@ -1,15 +1,21 @@
-"""Causal self-attention through the TPU flash-attention kernel of JAX (``pallas.ops.tpu``), beside its
-pure-jnp reference.
+"""Causal self-attention through JAX's flash-attention kernels (``pallas.ops.tpu`` on TPU, the Pallas
+Triton ``pallas.ops.gpu.attention.mha`` on GPUs), beside their pure-jnp reference.
 
 The XLA attention materializes the ``[b, heads, t, t]`` float32 scores and their gradient: at 2048
 tokens that is 3 GiB per 8 rows and 24 heads, several times over in a layer's backward, which is what
 kept Monet-VD 4.1B over a v4 chip's 32 GiB. The kernel keeps each block of scores in VMEM (online
 softmax), skips the blocks above the diagonal and returns only the output and per-row statistics.
 Documents packed into one row and padding are expressed as segment ids: a query sees the earlier
-keys of its own segment.
+keys of its own segment. On a GPU the Triton kernel (forward and backward, segment ids, causal block
+skipping) keeps the scores in registers and shared memory the same way; it was chosen over cuDNN's
+(``jax.nn.dot_product_attention``), which has no segment ids (a mask becomes a ``[b, 1, t, t]`` bias) and
+needs the cuDNN library on the compiling host, and because it runs in interpret mode on a CPU, so the
+tests check it against the reference.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +24,8 @@ import numpy as np
 from monet_jax.kernels import dispatch
 
 LANES = 128  # the kernel's blocks are multiples of 128 tokens; head sizes over 128 must be too
+GPU_BLOCK = 128  # query and key tokens per block of the GPU kernel's forward pass
+GPU_BLOCK_BWD = 64  # per block of its backward (dK/dV and dQ): two [64, d] tiles of each operand live at once
 
 
 def supported(t: int, head_dim: int) -> bool:
@@ -103,14 +111,34 @@ def _interpreted_bwd(res, do):
 _interpreted.defvjp(_interpreted_fwd, _interpreted_bwd)
 
 
+def _gpu_module():
+    with warnings.catch_warnings():  # deprecated in jax 0.12 in favour of tokamax, still shipped and working
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+    return gpu_attention
+
+
+def _flash_gpu(q_btnd, k_btnd, v_btnd, seg_bt):
+    """The Pallas Triton kernel, ``[b, t, n, d]`` in and out (its own layout); in interpret mode off a GPU."""
+    mha = _gpu_module()
+    t, d = q_btnd.shape[1], q_btnd.shape[-1]
+    fwd, bwd = min(GPU_BLOCK, t), min(GPU_BLOCK_BWD, t)
+    sizes = mha.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd,
+                           block_kv_dq=bwd)
+    return mha.mha(q_btnd, k_btnd, v_btnd, seg_bt, sm_scale=float(d) ** -0.5, causal=True, block_sizes=sizes,
+                   interpret=dispatch.interpret_mode())
+
+
 def flash_attention(q_btnd, k_btgd, v_btgd, segments_bt):
-    """``attention_reference`` through the kernel (per batch shard under an active mesh); the output is
-    ``[b, t, n, d]`` in the inputs' dtype. KV heads are repeated to the query heads (the kernel has no
+    """``attention_reference`` through the target's kernel (per batch shard under an active mesh); the output
+    is ``[b, t, n, d]`` in the inputs' dtype. KV heads are repeated to the query heads (neither kernel has a
     grouped-query form)."""
     n = q_btnd.shape[2]
     k_btnd, v_btnd = _per_query_head(k_btgd, n), _per_query_head(v_btgd, n)
 
     def run(q, k, v, seg):
+        if dispatch.target_platform() == "gpu":
+            return _flash_gpu(q, k, v, seg).astype(q.dtype)
         kernel = _interpreted if dispatch.interpret_mode() else _flash_bnsd
         o = kernel(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), seg)
         return o.swapaxes(1, 2)
@@ -120,8 +148,8 @@ def flash_attention(q_btnd, k_btgd, v_btgd, segments_bt):
 
 def choose(requested: str, t: int, head_dim: int) -> str:
     """Resolve ``attention_impl`` for ``t`` tokens to ``flash`` or ``xla``: ``auto`` takes the kernel on
-    TPU where its blocks tile the tokens; ``flash`` also in interpret mode (tests), else warns once and
-    runs XLA."""
+    the target's TPU or GPU where its blocks tile the tokens; ``flash`` also in interpret mode (tests), else
+    warns once and runs XLA."""
     if requested == "xla":
         return "xla"
     if requested not in ("flash", "auto"):
@@ -131,10 +159,10 @@ def choose(requested: str, t: int, head_dim: int) -> str:
             dispatch.warn_once(f"attention_impl=flash: {t} tokens of head size {head_dim} do not tile the "
                                f"kernel's {LANES}-token blocks; using the XLA attention")
         return "xla"
-    if dispatch.target_platform() == "tpu" or (requested == "flash" and dispatch.interpret_mode()):
+    if dispatch.target_platform() in ("tpu", "gpu") or (requested == "flash" and dispatch.interpret_mode()):
         return "flash"
     if requested == "flash":
-        dispatch.warn_once(f"attention_impl=flash: the kernel lowers for TPU only, not "
+        dispatch.warn_once(f"attention_impl=flash: the kernels lower for TPU and GPU only, not "
                            f"{dispatch.target_platform()} (set {dispatch.INTERPRET_ENV}=1 to interpret); "
                            "using the XLA attention")
     return "xla"
