@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from monet_jax.kernels import dispatch
 from monet_jax.model.pure import PureModel, decodes_sparse
 
 
@@ -54,10 +53,11 @@ def bucket(n: int, least: int = 1) -> int:
 
 
 def least_rows() -> int:
-    """Rows a decoding step runs at least. On a GPU, two: XLA:GPU rewrites a one-row product ``x @ W`` as an
-    elementwise ``x * W`` written to memory and then summed (jax 0.11.2, H100), three times the weight's bytes;
-    a second (filler) row keeps it a matrix product (1.4B VD at batch 1 on one H100: 196 -> 492 tokens/s)."""
-    return 2 if dispatch.target_platform() == "gpu" else 1
+    """Rows a decoding step runs at least: one. On a GPU a one-row product ``x @ W`` used to need a filler row
+    (XLA:GPU rewrote it as ``x * W`` written to memory and summed, three times the weight's bytes: 1.4B VD at
+    batch 1 on one H100, 196 tokens/s against 492 with two rows); decoding now compiles with that rewrite off
+    (:func:`~monet_jax.kernels.dispatch.decode_compiler_options`), so a batch of one is one row everywhere."""
+    return 1
 
 
 class Decoding(NamedTuple):

@@ -71,6 +71,18 @@ def target_platform() -> str:
     return jax.default_backend()
 
 
+# XLA:GPU rewrites a product of one row, ``x @ W`` below about 10M elements, into ``x * W`` written to memory
+# and summed ("dot strength reduction"): three times the weight's bytes at every decoding step of a batch of
+# one. Decoding compiles with that pass off, so the product stays a matrix product (checked in the H100
+# compile: ``tests/test_aot_gpu.py``). An option XLA does not know as a pass name is ignored.
+GPU_DECODE_OPTIONS = {"xla_disable_hlo_passes": "dot-strength-reduction"}
+
+
+def decode_compiler_options() -> dict | None:
+    """XLA options for a decoding (few-row) program on the target: :data:`GPU_DECODE_OPTIONS` on a GPU."""
+    return dict(GPU_DECODE_OPTIONS) if target_platform() == "gpu" else None
+
+
 def warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)

@@ -115,8 +115,9 @@ class PureModel:
             rows: int | None = None):
         """``fn(model, *args)`` compiled as a function of the state: returns ``call(*args)``. Argument
         numbers count ``args`` (the model excluded); ``rows``: tokens per call where it is small (decoding;
-        it picks the CPU's matmul, :func:`cpu_compiler_options`)."""
-        options = cpu_compiler_options(rows)
+        it picks the CPU's matmul, :func:`cpu_compiler_options`, and on a GPU keeps one-row products as
+        matrix products, :func:`~monet_jax.kernels.dispatch.decode_compiler_options`)."""
+        options = cpu_compiler_options(rows) or (dispatch.decode_compiler_options() if rows is not None else None)
         key = (fn, self.graphdef, self.treedef, static_argnums, donate_argnums, str(options))
         compiled = _COMPILED.get(key)
         if compiled is None:
