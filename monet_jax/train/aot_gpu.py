@@ -28,8 +28,6 @@ TARGETS = Path(__file__).resolve().parent / "targets"
 # HBM and its bandwidth per target, and the target proto file; HBM is the card's, not jax's default pool
 # (jax preallocates 75% of it unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).
 GPU_TARGETS = {"h100": {"file": "h100.txtpb", "hbm_bytes": 80 * 2**30, "hbm_bytes_per_s": 3.35e12}}
-# What XLA:GPU disables at one-row products: rewriting ``x @ W`` as ``x * W`` summed (see ``decode_options``).
-NO_STRENGTH_REDUCTION = {"xla_disable_hlo_passes": "dot-strength-reduction"}
 
 
 def plugin_available() -> bool:
@@ -333,12 +331,6 @@ def compile_train_step(cfg, target: str = "h100", *, cost: bool = True, hlo_path
     return result
 
 
-def decode_options(target_platform: str) -> dict | None:
-    """Compiler options for decoding on ``target_platform``: on a GPU, XLA's dot strength reduction off, so a
-    one-row product stays a matrix product instead of ``x * W`` written out and summed (3x the weight bytes)."""
-    return dict(NO_STRENGTH_REDUCTION) if target_platform == "gpu" else None
-
-
 def compile_decode(cfg, target: str = "h100", *, batch: int = 1, prompt: int = 128, new_tokens: int = 128,
                    hlo_path: str | None = None, strength_reduction: bool = False) -> dict:
     """The decoding loop of ``generate`` (``lax.while_loop`` over one-token steps, cache donated) compiled
@@ -382,7 +374,7 @@ def compile_decode(cfg, target: str = "h100", *, batch: int = 1, prompt: int = 1
         state = put(jax.eval_shape(lambda lv, i, f: run(G._prefill, lv, i, i, f, total - p, sampling, False),
                                    leaves, ids, fixed))
         loop = jax.jit(lambda lv, s, f, stop: run(G._decode, lv, s, f, stop, sampling, False), donate_argnums=(1,))
-        options = None if strength_reduction else decode_options("gpu")
+        options = None if strength_reduction else dispatch.decode_compiler_options()
         t0 = time.perf_counter()
         compiled = loop.lower(leaves, state, fixed, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)).compile(
             compiler_options=options)
