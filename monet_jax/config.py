@@ -165,7 +165,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 DTYPES = ("float32", "bfloat16", "float16")
 Decompose = Literal["vertical", "horizontal", "none"]
-Remat = Literal["none", "layer", "group"]
+Remat = Literal["none", "layer", "dots", "group"]
 MoeImpl = Literal["xla", "pallas", "sparse", "auto"]
 AttentionImpl = Literal["auto", "xla", "flash"]
 # ours, never in config.json
@@ -213,7 +213,7 @@ class MonetConfig:
     torch_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
-    remat: Remat = "none"       # recompute activations in the backward pass: per layer or per routing group
+    remat: Remat = "none"       # recompute in the backward: per layer, per layer but keeping products, or per group
     scan_groups: bool = False   # lax.scan over routing groups: compile time independent of depth
     moe_impl: MoeImpl = "xla"   # expert/router kernels: plain XLA einsums, Pallas, sparse gather, or chosen per call
     moe_sparse_k: int = 0       # sparse path: experts gathered per token and head (0: min(E, 2 * moe_topk))

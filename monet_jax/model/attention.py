@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from monet_jax.config import MonetConfig
 from monet_jax.kernels.attention import flash_attention
@@ -30,7 +31,8 @@ class Attention(nnx.Module):
         q_btnd, k_btgd, v_btgd = self._qkv(x_btd, cos_btd, sin_btd)
         if mask.ndim == 2:
             b, t = q_btnd.shape[:2]
-            return self.o_proj(flash_attention(q_btnd, k_btgd, v_btgd, mask).reshape(b, t, -1))
+            out = checkpoint_name(flash_attention(q_btnd, k_btgd, v_btgd, mask).reshape(b, t, -1), "attention_out")
+            return self.o_proj(out)
         return self._attend(q_btnd, k_btgd, v_btgd, mask)
 
     def cached(self, x_btd, cos_btd, sin_btd, mask_bts, kv, index):
@@ -70,7 +72,7 @@ class Attention(nnx.Module):
         scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_bsgd.dtype)
         out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v_bsgd).reshape(b, t, g * r * hd)
-        return self.o_proj(out)
+        return self.o_proj(checkpoint_name(out, "attention_out"))  # kept by remat "dots"
 
     def _attend_cache(self, q_btnd, k_nsd, v_nsd, mask_bts):
         """``_attend`` over keys and values as ``[b * kv_heads, S, d]``: the queries of a KV head (its

@@ -91,7 +91,7 @@ class MonetModel(nnx.Module):
         if cfg.scan_groups and len(groups) > 1:
             x_btd, all_probs = _scan_groups(groups, x_btd, cos_btd, sin_btd, mask, cfg.remat)
         else:
-            run = partial(_run_group, remat_layers=cfg.remat == "layer")
+            run = partial(_run_group, remat=cfg.remat)
             if cfg.remat == "group":
                 run = nnx.remat(lambda group, *a: _run_group(group, *a))
             all_probs = []
@@ -121,9 +121,25 @@ class MonetModel(nnx.Module):
         return [nnx.List(self.layers[i:i + size]) for i in range(0, len(self.layers), size)]
 
 
-def _run_group(group, x_btd, cos_btd, sin_btd, mask, remat_layers: bool = False):
-    """The layers of one routing group; returns the residual stream and the group's (g1, g2)."""
-    call = nnx.remat(lambda layer, *a: layer(*a)) if remat_layers else (lambda layer, *a: layer(*a))
+def layer_policy(remat: str):
+    """What a layer keeps for its backward pass under ``remat`` (``jax.checkpoint`` policy; None: nothing, the
+    whole layer is recomputed). ``dots``: the outputs of the products without batch dimensions (projections,
+    expert ``u`` / ``v``, router) and the attention output, recomputing the elementwise work, norms, RoPE,
+    the routing-weighted mixing and the attention itself (whose scores would be ``[b, heads, t, t]``), as
+    MaxText's ``minimal`` policy does."""
+    if remat != "dots":
+        return None
+    cp = jax.checkpoint_policies
+    return cp.save_from_both_policies(cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names("attention_out"))
+
+
+def _run_group(group, x_btd, cos_btd, sin_btd, mask, remat: str = "none"):
+    """The layers of one routing group (each rematerialized under ``remat`` ``layer`` or ``dots``); returns
+    the residual stream and the group's (g1, g2)."""
+    if remat in ("layer", "dots"):
+        call = nnx.remat(lambda layer, *a: layer(*a), policy=layer_policy(remat))
+    else:
+        call = lambda layer, *a: layer(*a)  # noqa: E731
     probs = None
     for layer in group:
         x_btd, probs = call(layer, x_btd, cos_btd, sin_btd, mask, probs)
@@ -141,7 +157,7 @@ def _scan_groups(groups, x_btd, cos_btd, sin_btd, mask, remat: str):
 
     def body(x, group_state):
         group = nnx.merge(graphdef, *group_state)
-        x, probs = _run_group(group, x, cos_btd, sin_btd, mask, remat == "layer")
+        x, probs = _run_group(group, x, cos_btd, sin_btd, mask, "none" if remat == "group" else remat)
         return x, (probs, nnx.state(group, nnx.BatchStat))
 
     if remat == "group":
