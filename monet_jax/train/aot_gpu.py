@@ -284,9 +284,10 @@ def costs(compiled, hlo_text: str, model_flops: float, target: str) -> dict:
 
 
 def compile_train_step(cfg, target: str = "h100", *, cost: bool = True, hlo_path: str | None = None,
-                       compiler_options: dict | None = None) -> dict:
+                       compiler_options: dict | None = None, devices=None) -> dict:
     """The training step of ``cfg`` compiled for one GPU of ``target``: memory, kernels and costs, with the
-    same fields as the TPU compile (``aot.compile_for_topology``) plus ``inventory``."""
+    same fields as the TPU compile (``aot.compile_for_topology``) plus ``inventory``. ``devices``: compile for
+    these (real) devices instead, with the choices of their platform (the GPU suite's check on a GPU)."""
     import jax
     from flax import nnx
 
@@ -295,14 +296,14 @@ def compile_train_step(cfg, target: str = "h100", *, cost: bool = True, hlo_path
     from monet_jax.train import metrics as M
     from monet_jax.train.step import BATCH_KEYS, TrainState, _build, make_train_step
 
-    devices = gpu_devices(target)
+    devices = gpu_devices(target) if devices is None else devices
     mesh = sharding.make_mesh(cfg.mesh, devices)
     cfg = dataclasses.replace(cfg, init_from=None)
     # A flat program (no loops) when costs are wanted: XLA's analysis counts a loop body once.
     if cost:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_groups=False),
                                   optim=dataclasses.replace(cfg.optim, grad_accum=1))
-    with dispatch.lowering_for("gpu"):
+    with dispatch.lowering_for(devices[0].platform):
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _build(cfg)))
         ts = TrainState(graphdef, abstract, sharding.state_shardings(abstract, mesh), mesh)
         rows, seq = cfg.data.batch_size, cfg.data.seq_len
