@@ -163,7 +163,7 @@ def make_train_step(ts: TrainState, cfg: TrainConfig, rules=sharding.DEFAULT_RUL
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
         loss, aux, grads = _grads(model, batch, cfg)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
         new_state = nnx.state((model, optimizer))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
