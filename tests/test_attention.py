@@ -214,7 +214,7 @@ def test_gpu_flash_lowers_for_cuda_without_scores():
         return attention.flash_attention(q, k, v, seg).astype(jnp.float32).sum()
 
     args = (bf(b, t, n, d), bf(b, t, g, d), bf(b, t, g, d), jax.ShapeDtypeStruct((b, t), jnp.int32))
-    with dispatch.force_interpret(False), dispatch.lowering_for("gpu"):
+    with dispatch.force_interpret(False), dispatch.cuda_lowering():
         text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @(\S+)\(", text)
     assert calls == ["__gpu$xla.gpu.triton"] * 3, calls

@@ -769,7 +769,7 @@ def test_pallas_kernels_aot_compile_for_tpu_v4(dec):
 def lowered_kernels(fn, *args) -> dict:
     """The Pallas kernels in ``fn``'s lowering for CUDA from this host (GPU form, not interpreted): their
     names and counts; every one must be a Triton call."""
-    with dispatch.force_interpret(False), dispatch.lowering_for("gpu"):
+    with dispatch.force_interpret(False), dispatch.cuda_lowering():
         text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     calls = re.findall(r"custom_call @(\S+)\(", text)
     assert calls and set(calls) == {"__gpu$xla.gpu.triton"}, set(calls)

@@ -125,8 +125,10 @@ def _flash_gpu(q_btnd, k_btnd, v_btnd, seg_bt):
     fwd, bwd = min(GPU_BLOCK, t), min(GPU_BLOCK_BWD, t)
     sizes = mha.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd, block_q_dq=bwd,
                            block_kv_dq=bwd)
-    return mha.mha(q_btnd, k_btnd, v_btnd, seg_bt, sm_scale=float(d) ** -0.5, causal=True, block_sizes=sizes,
-                   interpret=dispatch.interpret_mode())
+    with warnings.catch_warnings():  # jax 0.12 deprecates Pallas's Triton backend (still there, still working)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mha.mha(q_btnd, k_btnd, v_btnd, seg_bt, sm_scale=float(d) ** -0.5, causal=True, block_sizes=sizes,
+                       interpret=dispatch.interpret_mode())
 
 
 def flash_attention(q_btnd, k_btgd, v_btgd, segments_bt):

@@ -60,6 +60,27 @@ def lowering_for(platform: str):
         _platform_override = old
 
 
+@contextlib.contextmanager
+def cuda_lowering(device_kind: str = "NVIDIA H100 80GB HBM3"):
+    """Lower the GPU kernels for CUDA from a host without a GPU (with ``lowering_platforms=("cuda",)``):
+    :func:`lowering_for` ``gpu``, and where jax reads the GPU a Pallas Triton kernel is built for from the
+    abstract mesh (jax 0.12: otherwise "No supported GPU devices found"), an abstract ``device_kind`` there."""
+    from jax._src import mesh as mesh_lib
+
+    abstract = None
+    # Not under an active mesh: shard_map would then see two different context meshes (on jax 0.12 a sharded
+    # program needs its mesh's own devices to be GPUs, as in the H100 compile).
+    if hasattr(mesh_lib, "AbstractDevice") and sharding._ACTIVE.get() is None:
+        try:
+            device = mesh_lib.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+            abstract = mesh_lib.AbstractMesh((1,), ("cuda_target",), abstract_device=device)
+        except TypeError:  # an AbstractMesh without abstract devices: the kernels need none there
+            abstract = None
+    with lowering_for("gpu"), (jax.sharding.use_abstract_mesh(abstract) if abstract is not None
+                               else contextlib.nullcontext()):
+        yield
+
+
 def target_platform() -> str:
     """The platform being compiled for: :func:`lowering_for`'s, else the active mesh's devices (an AOT
     compile for a TPU topology runs on a CPU host), else the default backend."""
