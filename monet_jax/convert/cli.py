@@ -1,7 +1,10 @@
 """``monet-convert``: Hugging Face checkpoints <-> monet-jax checkpoints.
 
-    monet-convert hf-to-jax  HF_DIR  OUT_DIR  [--param-dtype float32]
-    monet-convert jax-to-hf  OUT_DIR HF_DIR   [--dtype bfloat16] [--max-shard-size 5GB]
+    monet-convert hf-to-jax  HF_DIR    JAX_DIR  [--param-dtype float32]
+    monet-convert jax-to-hf  JAX_DIR   HF_DIR   [--dtype bfloat16] [--max-shard-size 5GB]
+
+HF_DIR is a Hugging Face checkpoint directory (config.json + safetensors or .bin); JAX_DIR is one of ours
+(config.json + an Orbax state, as train.py writes to out_dir/checkpoint).
 
 Both directions carry the tokenizer files beside the weights (tokenizer.json / tokenizer.model,
 tokenizer_config.json, special_tokens_map.json, chat_template.jinja, generation_config.json).
@@ -23,15 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-jax", help="HF checkpoint (safetensors or .bin, any sharding) -> Orbax")
-    a.add_argument("src")
-    a.add_argument("out")
+    a.add_argument("src", metavar="HF_DIR", help="the Hugging Face checkpoint directory to read")
+    a.add_argument("out", metavar="JAX_DIR", help="the directory to write (ours: config.json + Orbax state)")
     a.add_argument("--param-dtype", choices=DTYPES, default=None,
                    help="dtype of the stored parameters (default: the checkpoint's torch_dtype)")
     b = sub.add_parser("jax-to-hf", help="Orbax checkpoint -> HF layout (config.json + safetensors)")
-    b.add_argument("src")
-    b.add_argument("out")
+    b.add_argument("src", metavar="JAX_DIR", help="our checkpoint directory to read (config.json + Orbax state)")
+    b.add_argument("out", metavar="HF_DIR", help="the Hugging Face directory to write (config.json + safetensors)")
     b.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: config torch_dtype)")
-    b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: %(default)s)")
     for s in (a, b):
         s.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     return p
