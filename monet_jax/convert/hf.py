@@ -119,7 +119,8 @@ def atomic_directory(out: str | Path, overwrite: bool = False) -> Iterator[Path]
     temporary directory, and process 0 renames it once all are done."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConvertError(f"{out}: output exists and is not empty (replace it with --overwrite, or overwrite=True from Python)")
+        raise ConvertError(f"{out}: output exists and is not empty "
+                           "(replace it with --overwrite, or overwrite=True from Python)")
     multi, primary = jax.process_count() > 1, jax.process_index() == 0
     if multi:
         tmp = out.parent / f".{out.name}.tmp-multiprocess"
