@@ -70,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--chat", action="store_true",
                      help="send each prompt as a user message, rendered with the checkpoint's chat_template")
     gen.add_argument("--system", default=None, help="with --chat: a system message before the user's")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add per prompt (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    gen.add_argument("--top-k", type=int, default=0,
+                     help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = all (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     gen.add_argument("--stream", type=int, default=0, metavar="N",
-                     help="print a single prompt's text as it is generated, N tokens per device call")
+                     help="print a single prompt's text as it is generated, N tokens per device call; 0 = at the end "
+                          "(default: %(default)s)")
     exp = sub.add_parser("experts", help="expert microscope and scalpel")
     experts_cli.add_parsers(exp.add_subparsers(dest="experts_command", required=True), common, corpus)
     args = p.parse_args(argv)
