@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from monet_jax import MonetForCausalLM, sharding
+from monet_jax import MonetForCausalLM, sharding, versions
 from monet_jax.config import ConfigError, MonetConfig
 from monet_jax.kernels import dispatch, lanes, mixing, mixing_gpu
 from monet_jax.kernels import ops as kernel_ops
@@ -733,7 +733,7 @@ os.environ.update(JAX_PLATFORMS="cpu", TPU_ACCELERATOR_TYPE="v4-16", TPU_WORKER_
 import jax, jax.numpy as jnp
 from jax.experimental import topologies
 from flax import nnx
-from monet_jax import MonetForCausalLM, sharding
+from monet_jax import MonetForCausalLM, sharding, versions
 from monet_jax.config import MonetConfig
 
 dec, t, attn = (sys.argv[1:] + ["64", "auto"])[:3]  # decomposition, tokens per row, attention_impl
@@ -804,6 +804,10 @@ def test_pallas_kernels_lower_for_gpu_at_the_published_sizes(size):
                                                                               "monet_router_bwd": 1}
 
 
+@pytest.mark.skipif(versions.parse(jax.__version__) >= (0, 11),
+                    reason="jax 0.11+ builds a Triton kernel for the GPU the mesh's devices name, and a CPU host's "
+                           "mesh names none: the whole step's kernels there come from the H100 compile "
+                           "(tests/test_aot_gpu.py, with the CUDA plugin)")
 @pytest.mark.parametrize("dec", ["vertical", "horizontal"])
 def test_training_step_lowers_for_gpu_with_the_kernels(dec):
     """The whole training step (tiny model, 4 layers in 2 routing groups, ``moe_impl=pallas``) lowers for CUDA
