@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # about a minute of subprocesses; each step it runs has its own fast test
 def test_pipeline_runs_every_step_at_tiny_size(tmp_path):
     work = tmp_path / "pipe"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "published_size_pipeline.py"), "--config",
