@@ -93,6 +93,9 @@ ENTRY %main (x: f32[8,1024]) -> f32[2,1024] {
 }
 """
     assert [o.bytes for o in hlo_bytes.instruction_bytes(text)] == [2 * 2 * 1024 * 4, 2 * 8 * 1024 * 4]
+    # Their source column is the JAX operation that made them, as for every other instruction.
+    named = text.replace("slice={[0:2], [0:1024]}", 'slice={[0:2], [0:1024]}, metadata={op_name="jit(step)/slice"}')
+    assert [o.source for o in hlo_bytes.instruction_bytes(named)] == ["slice", ""]
     # The same slice into another memory space (S(3)): half its traffic (the write) is not HBM's.
     staged = text.replace("f32[2,1024]{1,0:T(2,128)}, s32[]", "f32[2,1024]{1,0:T(2,128)S(3)}, s32[]")
     assert [o.other_space for o in hlo_bytes.instruction_bytes(staged)] == [2 * 1024 * 4, 0]

@@ -163,10 +163,10 @@ def instruction_bytes(hlo_text: str) -> list[OpBytes]:
             # A slice reads only what it writes; an async start's result tuple repeats its operand.
             arrays = [m.groups() for m in _ARRAY.finditer(ins.shape)]
             written = arrays[1] if ins.opcode.endswith("-start") and len(arrays) > 1 else arrays[0]
-            source = _ARRAY.search(in_shapes[0]) if in_shapes else None
+            read = _ARRAY.search(in_shapes[0]) if in_shapes else None
             moved = array_bytes(*written)
             total = 2 * moved
-            other = moved * ((_space(written[2]) > 0) + (source is not None and _space(source.group(3)) > 0))
+            other = moved * ((_space(written[2]) > 0) + (read is not None and _space(read.group(3)) > 0))
         else:
             total = shape_bytes(ins.shape) + sum(shape_bytes(s) for s in in_shapes)
             other = _other_space_bytes(ins.shape) + sum(_other_space_bytes(s) for s in in_shapes)
