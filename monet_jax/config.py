@@ -7,6 +7,7 @@ dotted ``key=value`` command-line overrides, with one-line errors that name the 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -93,13 +94,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
 
 
+def unknown_key(key: str, name: str, known) -> str:
+    """The one-line error for an unknown key, with the nearest known names at its level (a typo such as
+    ``optim.step`` names ``optim.steps``)."""
+    close = difflib.get_close_matches(name, sorted(known), n=2, cutoff=0.6)
+    hint = " (did you mean " + " or ".join(f"'{key[:len(key) - len(name)]}{c}'" for c in close) + "?)" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
 def from_dict(cls: type, data: dict[str, Any], *, prefix: str = "", strict: bool = True):
     """Build dataclass ``cls`` from a plain dict; unknown keys are an error when ``strict``."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in names]
     if unknown and strict:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'")
+        raise ConfigError(unknown_key(f"{prefix}{unknown[0]}", unknown[0], names))
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items() if k in names}
     try:
         return cls(**kwargs)
@@ -131,7 +140,10 @@ def apply_overrides(cfg, overrides: list[str]):
         node = data
         for i, name in enumerate(path[:-1]):
             if not isinstance(node.get(name), dict):
-                raise ConfigError(f"unknown config key '{'.'.join(path[:i + 1 + (name in node)])}'")
+                if name in node:  # a leaf used as a section
+                    raise ConfigError(f"unknown config key '{'.'.join(path[:i + 2])}'")
+                sections = [k for k, v in node.items() if isinstance(v, dict)]
+                raise ConfigError(unknown_key(".".join(path[:i + 1]), name, sections))
             node = node[name]
         node[path[-1]] = value
     return from_dict(type(cfg), data)

@@ -31,6 +31,6 @@ def test_short_training_run_lowers_loss_and_checkpoints(tmp_path, capsys):
 def test_train_cli_errors_are_one_line(capsys):
     assert train_main(["optim.stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "monet-train: error: unknown config key 'optim.stepz'"
+    assert err == "monet-train: error: unknown config key 'optim.stepz' (did you mean 'optim.steps'?)"
     assert train_main(["data.seq_len=4096"]) == 2
     assert "exceeds model.max_position_embeddings" in capsys.readouterr().err
