@@ -126,3 +126,21 @@ def test_apply_overrides_returns_validated_copy():
     cfg = MonetConfig.from_yaml("configs/tiny-hd.yaml")
     new = apply_overrides(cfg, ["moe_experts=64"])
     assert cfg.moe_experts == 32 and new.moe_experts == 64
+
+
+@pytest.mark.parametrize("paths, overrides", [
+    (None, []),
+    (None, ["optim.steps=7", "model.moe_decompose=horizontal", "data.seq_len=64"]),
+    (["configs/monet-vd-1.4b.yaml", "configs/pretrain-v4-64.yaml"], ["mesh.fsdp=-1"]),
+])
+def test_printed_config_reads_back_to_the_same_config(tmp_path, capsys, paths, overrides):
+    from monet_jax.train.config import TrainConfig, write_config
+    from monet_jax.train.main import main as train_main
+
+    cfg = TrainConfig.load(paths, overrides)
+    written = write_config(cfg, tmp_path / "run")
+    assert TrainConfig.load([written], []) == cfg
+    argv = [a for p in (paths or []) for a in ("--config", p)] + ["--print-config", *overrides]
+    assert train_main(argv) == 0
+    assert capsys.readouterr().out == written.read_text()
+    assert not list((tmp_path / "run").glob(".*tmp"))

@@ -18,6 +18,7 @@ def test_short_training_run_lowers_loss_and_checkpoints(tmp_path, capsys):
     assert summary["final_train_loss"] < summary["first_train_loss"] - 1.0
     assert np.isfinite(summary["final_val_loss"])
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 25
+    assert TrainConfig.load([tmp_path / "config.yaml"], []) == cfg  # the resolved config beside the checkpoints
     model = MonetForCausalLM.from_pretrained(tmp_path / "checkpoint")
     norm = model.model.layers[0].router.norm1
     assert int(norm.num_batches_tracked[...]) == 25  # BatchNorm running statistics were trained

@@ -6,6 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from monet_jax.config import ConfigError, MonetConfig, apply_overrides, from_dict, load_yaml
 from monet_jax.data.pipeline import DataConfig
 from monet_jax.sharding import MeshConfig
@@ -104,6 +106,27 @@ class TrainConfig:
         except ConfigError as e:
             raise ConfigError(f"{', '.join(map(str, paths))}: {e}") from None
         return apply_overrides(cfg, overrides)
+
+
+def config_yaml(cfg: TrainConfig) -> str:
+    """Every key of ``cfg`` with its value, as YAML that ``TrainConfig.load`` reads back to the same config:
+    what ``--print-config`` shows and what a run writes to ``out_dir/config.yaml``."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, list | tuple) else v
+
+    return yaml.safe_dump(plain(dataclasses.asdict(cfg)), sort_keys=False, default_flow_style=False)
+
+
+def write_config(cfg: TrainConfig, out_dir: str | Path) -> Path:
+    """``out_dir/config.yaml``, written whole or not at all (a temporary file renamed into place)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(config_yaml(cfg))
+    tmp.replace(out / "config.yaml")
+    return out / "config.yaml"
 
 
 def _merge(into: dict, new: dict) -> None:

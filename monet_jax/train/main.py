@@ -26,7 +26,7 @@ from monet_jax.data.pipeline import make_iterator
 from monet_jax.data.tokenizer import load_tokenizer
 from monet_jax.train import metrics as M
 from monet_jax.train.checkpoint import TrainCheckpoints
-from monet_jax.train.config import TrainConfig
+from monet_jax.train.config import TrainConfig, config_yaml, write_config
 from monet_jax.train.optimizer import learning_rate_schedule
 from monet_jax.train.step import BATCH_KEYS, global_batch, init_state, make_eval_step, make_train_step
 
@@ -95,6 +95,8 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
     rows = sharding.process_batch_rows(mesh, cfg.data.batch_size)  # the rows this process's devices hold
     train_it = make_iterator(cfg.data, tokenizer, split="train", seed=cfg.seed, rows=rows)
 
+    if primary:  # the resolved config beside the checkpoints: `train.py --config out_dir/config.yaml` reruns it
+        write_config(cfg, out)
     ts = init_state(cfg, mesh)
     identity = {"model": cfg.model.architecture(), "seed": cfg.seed,
                 **{k: getattr(cfg.data, k) for k in ("path", "format", "tokenizer", "seq_len", "batch_size",
@@ -224,10 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", default=None,
                    help="YAML config (repeatable: merged in order); default: the embedded tiny run")
     dist.add_launch_args(p)
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.steps=100")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every config key with its value (after --config and the overrides) and exit")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.steps=100 "
+                                                "(--print-config lists the keys)")
     args = p.parse_intermixed_args(argv)  # flags may come after the overrides
     try:
         cfg = TrainConfig.load(args.config, args.overrides)
+        if args.print_config:
+            print(config_yaml(cfg), end="")
+            return 0
         dist.launch(args)
         run(cfg)
     except (ConfigError, ConvertError, ValueError, dist.DistributedError) as e:
