@@ -1,6 +1,7 @@
 """The default training job and the perplexity evaluation, on a short run."""
 
 import json
+import re
 
 import numpy as np
 
@@ -15,6 +16,9 @@ def test_short_training_run_lowers_loss_and_checkpoints(tmp_path, capsys):
     cfg = TrainConfig.load(None, [f"out_dir={tmp_path}", "optim.steps=25", "optim.warmup_steps=5",
                                   "data.batch_size=8", "data.seq_len=64", "eval_every=25", "eval_batches=2"])
     summary = run(cfg)
+    log = capsys.readouterr()  # not a terminal: plain lines at each log step, no progress-bar redraws
+    assert "\r" not in log.out + log.err
+    assert re.search(r"^step 25/25  loss \d+\.\d{3}  aux ", log.out, flags=re.M), log.out
     assert summary["final_train_loss"] < summary["first_train_loss"] - 1.0
     assert np.isfinite(summary["final_val_loss"])
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 25

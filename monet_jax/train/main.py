@@ -137,8 +137,11 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
     stopped_by = None
     t_start = t_window = time.perf_counter()
     window_steps = 0
+    # A progress bar on a terminal; plain lines at each log step when the output goes to a file or a pipe, where
+    # the bar's redraws would be most of the log.
+    tty = sys.stderr.isatty()
     bar = tqdm(range(start + 1, cfg.optim.steps + 1), desc="train", unit="step", dynamic_ncols=True,
-               disable=not primary, initial=start, total=cfg.optim.steps)
+               disable=not (primary and tty), initial=start, total=cfg.optim.steps)
     with _StopRequest() as stop:
         for step in bar:
             ts.state, m = train_step(ts.state, global_batch(next(train_it), mesh, rows, cfg.data.batch_size))
@@ -172,6 +175,9 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
                 if scalars["mfu"] is not None:
                     post["mfu"] = f"{100 * scalars['mfu']:.1f}%"
                 bar.set_postfix(post)
+                if primary and not tty:
+                    print(f"step {step}/{cfg.optim.steps}  " + "  ".join(f"{k} {v}" for k, v in post.items()),
+                          flush=True)
             if step % cfg.eval_every == 0 or step == cfg.optim.steps:
                 v = _validate(eval_step, ts.state, cfg, tokenizer, mesh, rows)
                 history.append((step, v))
