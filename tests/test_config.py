@@ -144,3 +144,10 @@ def test_printed_config_reads_back_to_the_same_config(tmp_path, capsys, paths, o
     assert train_main(argv) == 0
     assert capsys.readouterr().out == written.read_text()
     assert not list((tmp_path / "run").glob(".*tmp"))
+
+
+def test_a_long_run_saves_periodically_by_default():
+    from monet_jax.train.config import TrainConfig
+
+    assert TrainConfig().checkpoint.every == 1000
+    assert TrainConfig.load(None, ["checkpoint.every=0"]).checkpoint.every == 0

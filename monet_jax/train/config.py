@@ -38,7 +38,8 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0                   # save the training state every N steps (0: only at the end / on signal)
+    every: int = 1000                # save the training state every N steps (0: only at the end / on signal);
+                                     # a hard kill loses at most this many steps
     keep: int = 3
     async_save: bool = True
     resume: bool = True              # continue from the latest checkpoint in out_dir when there is one
