@@ -131,6 +131,24 @@ def score_buffers(comps, entry, seq_len: int, rows_x_heads: int) -> list[str]:
     return sorted(found)
 
 
+def _reachable(comps: dict, roots: list[str]) -> tuple[set[str], list[tuple[str, int | None]]]:
+    """The computations that run as kernels of their own from ``roots`` (every call, conditional and loop body
+    they reach), and the loops met on the way as ``(body, trip count)``."""
+    seen, loops, todo = set(), [], list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in comps:
+            continue
+        seen.add(name)
+        for ins in comps[name]:
+            if ins.opcode in ("while", "call", "conditional"):
+                for group in hlo_bytes._CALLEES.findall(ins.line):
+                    todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
+            if ins.opcode == "while":
+                loops.append((re.search(r"body=%?([\w.\-]+)", ins.line).group(1), _trip_count(ins)))
+    return seen, loops
+
+
 def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | None = None) -> dict:
     """The kernels of an optimized GPU program: counts per class for the whole program run once (loop
     bodies once each) and, per ``while`` loop, its body's kernels with the loop's trip count; custom-call
@@ -158,34 +176,10 @@ def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | Non
                 "fusion_kinds": dict(fusions), "custom_call_targets": dict(targets),
                 "multiply_reduce_products": mul_reduce}
 
-    top = {entry} if entry else set()
-    loops, seen, todo = [], set(), list(top)
-    while todo:  # the entry and every call / conditional / loop it reaches run as kernels of their own
-        name = todo.pop()
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        for ins in comps[name]:
-            if ins.opcode in ("while", "call", "conditional"):
-                for group in hlo_bytes._CALLEES.findall(ins.line):
-                    todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
-            if ins.opcode == "while":
-                body = re.search(r"body=%?([\w.\-]+)", ins.line).group(1)
-                loops.append((body, _trip_count(ins)))
+    seen, loops = _reachable(comps, [entry] if entry else [])
     result = count(seen)
-    result["loops"] = []
-    for body, trips in loops:
-        inner, todo = set(), [body]
-        while todo:
-            name = todo.pop()
-            if name in inner or name not in comps:
-                continue
-            inner.add(name)
-            for ins in comps[name]:
-                if ins.opcode in ("while", "call", "conditional"):
-                    for group in hlo_bytes._CALLEES.findall(ins.line):
-                        todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
-        result["loops"].append({"body": body, "trip_count": trips, **count(inner)})
+    result["loops"] = [{"body": body, "trip_count": trips, **count(_reachable(comps, [body])[0])}
+                       for body, trips in loops]
     result["score_buffers"] = score_buffers(comps, entry, seq_len, rows_x_heads) if seq_len and rows_x_heads else []
     return result
 
