@@ -74,10 +74,10 @@ class Launch:
         return self.logs[i].read_text(errors="replace")
 
     def wait_for_step(self, step: int, timeout: float = 240) -> None:
-        """Until process 0's progress bar has passed ``step``."""
+        """Until process 0's log (its plain ``step N/M`` lines: the output is a file) has passed ``step``."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            done = [int(m) for m in re.findall(r"\| *(\d+)/\d+ \[", self.text(0))]
+            done = [int(m) for m in re.findall(r"^step (\d+)/\d+  ", self.text(0), flags=re.M)]
             if done and max(done) >= step:
                 return
             if any(p.poll() is not None for p in self.procs):
