@@ -131,22 +131,10 @@ def score_buffers(comps, entry, seq_len: int, rows_x_heads: int) -> list[str]:
     return sorted(found)
 
 
-def _reachable(comps: dict, roots: list[str]) -> tuple[set[str], list[tuple[str, int | None]]]:
-    """The computations that run as kernels of their own from ``roots`` (every call, conditional and loop body
-    they reach), and the loops met on the way as ``(body, trip count)``."""
-    seen, loops, todo = set(), [], list(roots)
-    while todo:
-        name = todo.pop()
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        for ins in comps[name]:
-            if ins.opcode in ("while", "call", "conditional"):
-                for group in hlo_bytes._CALLEES.findall(ins.line):
-                    todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
-            if ins.opcode == "while":
-                loops.append((re.search(r"body=%?([\w.\-]+)", ins.line).group(1), _trip_count(ins)))
-    return seen, loops
+def _loops(comps: dict, names: list[str]) -> list[tuple[str, int | None]]:
+    """The while loops in ``names``' computations, as ``(body, trip count)``."""
+    return [(re.search(r"body=%?([\w.\-]+)", ins.line).group(1), _trip_count(ins))
+            for name in names for ins in comps[name] if ins.opcode == "while"]
 
 
 def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | None = None) -> dict:
@@ -176,10 +164,10 @@ def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | Non
                 "fusion_kinds": dict(fusions), "custom_call_targets": dict(targets),
                 "multiply_reduce_products": mul_reduce}
 
-    seen, loops = _reachable(comps, [entry] if entry else [])
+    seen = hlo_bytes.reachable(comps, [entry] if entry else [])
     result = count(seen)
-    result["loops"] = [{"body": body, "trip_count": trips, **count(_reachable(comps, [body])[0])}
-                       for body, trips in loops]
+    result["loops"] = [{"body": body, "trip_count": trips, **count(hlo_bytes.reachable(comps, [body]))}
+                       for body, trips in _loops(comps, seen)]
     result["score_buffers"] = score_buffers(comps, entry, seq_len, rows_x_heads) if seq_len and rows_x_heads else []
     return result
 

@@ -111,21 +111,25 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str | None]:
     return comps, entry
 
 
-def top_level(comps: dict[str, list[Instruction]], entry: str | None) -> list[Instruction]:
-    """Instructions that run as their own kernels: the entry and the bodies of loops, calls and
-    conditionals (not the insides of fusions, nor the scalar computations of reductions)."""
-    seen, todo, out = set(), [entry] if entry else [], []
+def reachable(comps: dict[str, list[Instruction]], roots: list[str]) -> list[str]:
+    """The computations that run as kernels of their own from ``roots``, in the order met: the roots and every
+    loop body, call and conditional they reach (not the insides of fusions, nor reductions' scalar computations)."""
+    seen, todo = {}, list(roots)
     while todo:
         name = todo.pop()
         if name in seen or name not in comps:
             continue
-        seen.add(name)
+        seen[name] = None
         for ins in comps[name]:
-            out.append(ins)
             if ins.opcode in ("while", "call", "conditional"):
                 for group in _CALLEES.findall(ins.line):
                     todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
-    return out
+    return list(seen)
+
+
+def top_level(comps: dict[str, list[Instruction]], entry: str | None) -> list[Instruction]:
+    """Instructions that run as their own kernels: those of :func:`reachable` from the entry."""
+    return [ins for name in reachable(comps, [entry] if entry else []) for ins in comps[name]]
 
 
 @dataclasses.dataclass
