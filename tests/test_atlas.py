@@ -2,6 +2,7 @@
 pages driven in a headless Chromium (skipped without one)."""
 
 import json
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -287,6 +288,24 @@ def test_index_lists_experts(site, browser):
     assert ids == index["id"] and PLANTED in ids
     row = browser.eval(f"document.querySelector('#experts tr[data-id=\"{PLANTED}\"]').textContent")
     assert "at-signs" in row and f"{PLANT_I}, {PLANT_J}" in row and TOKEN in row
+    # every row formats a column alike: mass with one decimal, frequency a whole count, shares in percent
+    cells = browser.eval("[...document.querySelectorAll('#experts tr[data-id]')].map(r => "
+                         "[3, 4, 5, 6, 7].map(k => r.cells[k].textContent))")
+    odd = [row for row in cells if not all(re.fullmatch(pattern, cell) for pattern, cell in zip(
+        (r"\d{1,3}(,\d{3})*\.\d", r"\d+\.\d\d%|<0\.01%", r"\d\.\d{3}|0\.0+[1-9]\d\d|[1-9]\.\d\de-\d+",
+         r"\d{1,3}(,\d{3})*", r"\d+\.\d\d%|<0\.01%"), row, strict=True))]
+    assert not odd
+    n = index["id"].index(PLANTED)
+    assert cells[n][0] == f"{index['mass'][n]:,.1f}" and cells[n][3] == f"{index['freq'][n]:,}"
+    assert browser.eval("[sum1(61784.25), sum1(9681.3), count(1234567), score(1), score(0.93329), score(0.0612345), "
+                        "pct(0.1234), pct(0.00001)]") == ["61,784.3", "9,681.3", "1,234,567", "1.000", "0.933",
+                                                          "0.0612", "12.34%", "<0.01%"]
+    # the search box's hint is not cut off
+    assert browser.eval("(() => { const q = document.querySelector('#q'), cs = getComputedStyle(q); "
+                        "const c = document.createElement('canvas').getContext('2d'); "
+                        "c.font = cs.fontStyle + ' ' + cs.fontWeight + ' ' + cs.fontSize + ' ' + cs.fontFamily; "
+                        "return c.measureText(q.placeholder).width <= "
+                        "q.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight); })()")
     browser.eval("document.querySelector('#by-freq').click()")
     freqs = browser.wait("(() => { const r = [...document.querySelectorAll('#experts tr[data-id]')]; "
                          "return document.querySelector('#by-freq.on') && r.map(x => Number(x.dataset.id)); })()")
@@ -334,6 +353,12 @@ def test_expert_page_shows_the_planted_contexts(site, browser):
     assert browser.eval("document.querySelectorAll('#contexts img, #contexts b').length") == 0
     stats = browser.eval("document.querySelector('#stats').textContent")
     assert f"{AT_COUNT} = " in stats and "at-signs" in stats
+    x = site_experts(site, 0)[PLANTED]
+    assert f"mass (summed score){x['mass']:,.1f}  (rank {x['mass_rank']} of " in stats
+    # context scores keep three decimals: the planted expert's are all about H, written 2.000, never "2"
+    scores = browser.eval("[...document.querySelectorAll('#contexts tr')].slice(1).map(r => r.cells[1].textContent)")
+    assert scores == [f"{c['score']:.3f}" for c in x["contexts"]] and all(s == f"{H:.3f}" for s in scores)
+    assert f"{AT_COUNT} contexts tie at {H:.3f}" in browser.eval("document.querySelector('#legend').textContent")
     shaded = browser.eval("getComputedStyle(document.querySelector('#contexts .hit')).backgroundColor")
     assert shaded.startswith("rgba(230, 80, 0") or shaded == "rgb(230, 80, 0)"
     browser.open((site / "expert.html").as_uri() + "?g=1&id=63")

@@ -129,9 +129,20 @@ function visible(s) { return s.replace(/ /g, "\u2423").replace(/\n/g, "\u21b5").
 
 function tokenChip(s) { return el("span", {class: "tok"}, visible(s)); }
 
-function fmt(x, digits) { return Number(x).toPrecision(digits || 4).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, ""); }
+// One format per kind of number, so that a column reads alike on every row. Sums of scores (mass, a token's
+// total score): thousands separators and one decimal. Counts: separators. Scores and mean scores: three
+// decimals (three significant digits below 0.1), trailing zeros kept, so an exact 1 shows as 1.000 and not as
+// a rounded-off 1. Shares: percent with two decimals.
+function sum1(x) { return Number(x).toLocaleString("en", {minimumFractionDigits: 1, maximumFractionDigits: 1}); }
 
-function pct(x) { return (100 * x).toFixed(x < 0.001 ? 3 : 2) + "%"; }
+function count(n) { return Number(n).toLocaleString("en"); }
+
+function score(x) {
+  const v = Number(x);
+  return v === 0 ? "0" : Math.abs(v) >= 0.1 ? v.toFixed(3) : v.toPrecision(3);
+}
+
+function pct(x) { return x > 0 && x < 0.0001 ? "<0.01%" : (100 * x).toFixed(2) + "%"; }
 
 function shade(score, top) {
   const a = top > 0 ? Math.min(Math.max(score / top, 0), 1) : 0;
@@ -151,8 +162,8 @@ function header(title) {
     el("nav", {}, el("a", {href: "index.html"}, "Experts"), el("a", {href: "text.html"}, "Text box")),
     el("h1", {}, title),
     el("div", {class: "meta"}, "checkpoint ", el("code", {}, m.checkpoint), " \u00b7 corpus ", el("code", {}, m.corpus),
-       " \u00b7 " + m.tokens.toLocaleString("en") + " tokens in " + m.documents.toLocaleString("en") + " documents \u00b7 " +
-       m.groups + " routing groups of " + m.experts_per_group.toLocaleString("en") + " composed experts (id = i \u00d7 " +
+       " \u00b7 " + count(m.tokens) + " tokens in " + count(m.documents) + " documents \u00b7 " +
+       m.groups + " routing groups of " + count(m.experts_per_group) + " composed experts (id = i \u00d7 " +
        m.E + " + j; score s_ij = \u03a3_h g1_hi g2_hj)"),
   ];
 }

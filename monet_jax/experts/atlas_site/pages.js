@@ -43,12 +43,12 @@ async function indexPage(root) {
   const state = {g: intParam(p, "g", 0, m.groups - 1) || 0, sort: p.get("sort") === "freq" ? "freq" : "mass",
                  page: 0, dom: -1};
   root.append(...header("Monet expert atlas"));
-  root.append(el("p", {class: "meta"}, "Per routing group, the " + m.options.experts.toLocaleString("en") +
+  root.append(el("p", {class: "meta"}, "Per routing group, the " + count(m.options.experts) +
     " composed experts with the most mass (their summed score over the corpus) at most; frequency is the number " +
     "of tokens on which an expert's score is above zero. Top tokens: the tokens on which it has the most total score."));
 
   const q = el("input", {type: "search", id: "q", autocomplete: "off",
-                         placeholder: "a token or text (experts that fire most on it), or an expert: G:ID or ID"});
+                         placeholder: "a token or text, or an expert: G:ID or ID"});
   const results = el("div", {id: "results", class: "results"});
   let timer = null, target = null;
   const update = latest(async () => {
@@ -91,9 +91,9 @@ async function indexPage(root) {
     let rows = ix.id.map((_, n) => n);
     if (state.sort === "freq") rows.sort((a, b) => ix.freq[b] - ix.freq[a] || a - b);
     if (state.dom >= 0) rows = rows.filter(n => ix.dom[n].includes(state.dom));
-    summary.replaceChildren("Group " + state.g + ": " + gm.active.toLocaleString("en") + " of " +
-      m.experts_per_group.toLocaleString("en") + " composed experts active at least once; " +
-      gm.kept.toLocaleString("en") + " kept here" + (state.dom >= 0 ? ", " + rows.length + " of them in " +
+    summary.replaceChildren("Group " + state.g + ": " + count(gm.active) + " of " +
+      count(m.experts_per_group) + " composed experts active at least once; " +
+      count(gm.kept) + " kept here" + (state.dom >= 0 ? ", " + rows.length + " of them in " +
       m.domains[state.dom].name : "") + ".");
     const pages = Math.max(1, Math.ceil(rows.length / PAGE_ROWS));
     state.page = Math.min(state.page, pages - 1);
@@ -110,10 +110,10 @@ async function indexPage(root) {
         el("td", {class: "num"}, String(state.page * PAGE_ROWS + k + 1)),
         el("td", {}, expertLink(state.g, id)),
         el("td", {class: "mono"}, Math.floor(id / m.E) + ", " + (id % m.E)),
-        el("td", {class: "num"}, fmt(ix.mass[n], 5)),
+        el("td", {class: "num"}, sum1(ix.mass[n])),
         el("td", {class: "num"}, pct(ix.mass[n] / gm.total_mass)),
-        el("td", {class: "num"}, fmt(ix.mass[n] / m.tokens, 4)),
-        el("td", {class: "num"}, ix.freq[n].toLocaleString("en")),
+        el("td", {class: "num"}, score(ix.mass[n] / m.tokens)),
+        el("td", {class: "num"}, count(ix.freq[n])),
         el("td", {class: "num"}, pct(ix.freq[n] / m.tokens)),
         m.domains.length ? el("td", {}, ix.dom[n].map(d => el("span", {class: "dom"}, m.domains[d].name))) : null,
         el("td", {}, ix.top[n].map(t => tokenChip(atlas.label(t)))));
@@ -157,9 +157,9 @@ async function showSearch(text, out) {
     r.tokens.length > 40 ? " \u2026" : "", r.missing ? " (" + r.missing + " not in the token index)" : "",
     " \u2014 experts ranked by their mean score on these tokens over the corpus"));
   const rows = [];
-  r.groups.forEach((list, g) => list.forEach(([id, score], k) => rows.push(el("tr", {"data-g": String(g),
+  r.groups.forEach((list, g) => list.forEach(([id, mean], k) => rows.push(el("tr", {"data-g": String(g),
     "data-id": String(id)}, el("td", {class: "num"}, k ? "" : "group " + g), el("td", {}, expertLink(g, id)),
-    el("td", {class: "num"}, fmt(score, 4))))));
+    el("td", {class: "num"}, score(mean))))));
   out.append(rows.length ? el("table", {id: "search-results"}, el("tr", {}, el("th", {class: "num"}, "group"),
     el("th", {}, "expert"), el("th", {class: "num"}, "mean score")), rows)
     : el("div", {class: "meta"}, "no expert of the atlas fires on these tokens"));
@@ -181,7 +181,7 @@ async function expertPage(root) {
   const x = await atlas.expert(g, id);
   if (!x) {
     root.append(el("div", {class: "note", id: "not-kept"}, "Expert " + g + ":" + id + " is not among the " +
-      m.group[g].kept.toLocaleString("en") + " experts kept for group " + g + " (those with the most mass; --experts " +
+      count(m.group[g].kept) + " experts kept for group " + g + " (those with the most mass; --experts " +
       "sets how many). `eval.py experts view CHECKPOINT --expert " + g + ":" + id + " --text TEXT --data CORPUS` " +
       "shows any expert."));
     return;
@@ -189,33 +189,36 @@ async function expertPage(root) {
   const gm = m.group[g];
   const stat = (k, ...v) => el("tr", {}, el("td", {}, k), el("td", {class: "mono"}, ...v));
   root.append(el("table", {class: "stats", id: "stats"},
-    stat("mass (summed score)", fmt(x.mass, 6) + "  (rank " + x.mass_rank.toLocaleString("en") + " of " +
-      m.experts_per_group.toLocaleString("en") + ")"),
+    stat("mass (summed score)", sum1(x.mass) + "  (rank " + count(x.mass_rank) + " of " +
+      count(m.experts_per_group) + ")"),
     stat("share of the group's mass", pct(x.mass / gm.total_mass)),
-    stat("mean score per token", fmt(x.mass / m.tokens, 4)),
-    stat("frequency (tokens with s > 0)", x.freq.toLocaleString("en") + " = " + pct(x.freq / m.tokens) +
-      " of tokens  (rank " + x.freq_rank.toLocaleString("en") + ")"),
+    stat("mean score per token", score(x.mass / m.tokens)),
+    stat("frequency (tokens with s > 0)", count(x.freq) + " = " + pct(x.freq / m.tokens) +
+      " of tokens  (rank " + count(x.freq_rank) + ")"),
     stat("domains", x.domains.length ? x.domains.map(d => el("span", {class: "dom"}, m.domains[d].name))
       : (m.domains.length ? "none of " + m.domains.map(d => d.name).join(", ") : "no selection masks given"))));
 
   root.append(el("h2", {}, "Top tokens"), el("p", {class: "meta"}, "the tokens on which it has the most total score " +
-    "(among the " + m.indexed_tokens.toLocaleString("en") + " most frequent tokens)"));
+    "(among the " + count(m.indexed_tokens) + " most frequent tokens)"));
   root.append(el("table", {id: "top-tokens"}, el("tr", {}, el("th", {}, "token"), el("th", {class: "num"}, "total score"),
     el("th", {class: "num"}, "occurrences"), el("th", {class: "num"}, "mean score")),
     x.top_tokens.map(([t, total, n]) => el("tr", {}, el("td", {}, tokenChip(atlas.label(t))),
-      el("td", {class: "num"}, fmt(total, 5)), el("td", {class: "num"}, n.toLocaleString("en")),
-      el("td", {class: "num"}, fmt(total / n, 4))))));
+      el("td", {class: "num"}, sum1(total)), el("td", {class: "num"}, count(n)),
+      el("td", {class: "num"}, score(total / n))))));
 
   const top = x.contexts.length ? x.contexts[0].score : 0;
-  root.append(el("h2", {}, "Top-activating contexts"), el("div", {class: "legend meta"}, "score 0 ",
-    [0.1, 0.25, 0.5, 0.75, 1].map(f => el("span", {style: shade(f * top, top)})), " " + fmt(top, 4) +
-    "; the top token is outlined; grey text lies outside the window the model read (not scored there)"));
+  const ties = x.contexts.filter(c => c.score === top).length;
+  root.append(el("h2", {}, "Top-activating contexts"), el("div", {class: "legend meta", id: "legend"}, "score 0 ",
+    [0.1, 0.25, 0.5, 0.75, 1].map(f => el("span", {style: shade(f * top, top)})), " " + score(top) +
+    "; the top token is outlined; grey text lies outside the window the model read (not scored there)" +
+    (ties > 1 ? "; " + ties + " contexts tie at " + score(top) + (top === 1 ? " (a head that routes the token to i " +
+      "alone and to j alone gives a score of 1 by itself)" : "") : "")));
   const rows = x.contexts.map((c, k) => el("tr", {}, el("td", {class: "num"}, String(k + 1)),
-    el("td", {class: "num"}, fmt(c.score, 4)), el("td", {class: "num meta"}, "doc " + c.doc + " @" + c.pos),
+    el("td", {class: "num"}, score(c.score)), el("td", {class: "num meta"}, "doc " + c.doc + " @" + c.pos),
     el("td", {class: "ctx"}, c.text.map((piece, n) => {
       const s = c.s[n], text = oneLine(n === c.hit && !piece ? c.label : piece);
       return el("span", {class: (s === null ? "out" : "shade") + (n === c.hit ? " hit" : ""),
-        style: s === null ? null : shade(s, top), title: s === null ? "outside the window" : fmt(s, 4)}, text);
+        style: s === null ? null : shade(s, top), title: s === null ? "outside the window" : score(s)}, text);
     }))));
   root.append(el("table", {id: "contexts"}, el("tr", {}, el("th", {class: "num"}, "#"), el("th", {class: "num"}, "score"),
     el("th", {class: "num"}, "where"), el("th", {}, "context")),
@@ -235,8 +238,8 @@ async function textPage(root) {
   root.append(el("div", {class: "note", id: "caveat"},
     el("b", {}, "This page does not run the model. "),
     "For each token of your text it looks up precomputed, context-free averages: the experts (of the " +
-    m.options.experts.toLocaleString("en") + " kept per group) with the highest mean score on that token over the " +
-    "corpus, for the " + m.indexed_tokens.toLocaleString("en") + " most frequent tokens. The model routes every token " +
+    count(m.options.experts) + " kept per group) with the highest mean score on that token over the " +
+    "corpus, for the " + count(m.indexed_tokens) + " most frequent tokens. The model routes every token " +
     "by its context, so the experts that really fire on your text can differ. For exact per-context scores run ",
     el("code", {}, "python eval.py experts tokens CHECKPOINT --text \"...\""), ". ",
     exact ? "Tokenization is exact (the byte tokenizer: one token per UTF-8 byte)."
@@ -269,9 +272,9 @@ async function show(text, only, out) {
   const rows = toks.map((t, n) => {
     const e = entries.get(t.id);
     return el("tr", {"data-token": String(n)}, el("td", {}, tokenChip(t.piece)),
-      el("td", {class: "num"}, e ? e.n.toLocaleString("en") : "\u2014"),
+      el("td", {class: "num"}, e ? count(e.n) : "\u2014"),
       groups.map(g => el("td", {}, !e ? el("span", {class: "meta"}, "not in the token index")
-        : e.g[g].slice(0, 3).map(([id, mean], k) => [k ? ", " : "", expertLink(g, id), " (" + fmt(mean, 3) + ")"]))));
+        : e.g[g].slice(0, 3).map(([id, mean], k) => [k ? ", " : "", expertLink(g, id), " (" + score(mean) + ")"]))));
   });
   out.replaceChildren(text ? el("table", {id: "token-table"}, head, rows) : "",
     atlas.tokenize(text).length > TEXT_TOKENS ? el("p", {class: "meta"}, "first " + TEXT_TOKENS + " tokens shown") : "");
