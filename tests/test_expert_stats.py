@@ -183,6 +183,12 @@ def test_experts_cli_end_to_end(model, tmp_path, capsys):
                "--data", code, "--out", tmp_path / "view.html") == 0
     page = (tmp_path / "view.html").read_text()
     assert page.count('class="tok"') == len("def g(y):") and "Top-activating contexts" in page
+    # without --data, stats and view read the embedded corpus (its first 300 tokens here)
+    assert run("experts", "stats", ckpt, "--out", tmp_path / "embedded", "--top", "1", "--max-tokens", "300") == 0
+    assert ExpertStats.load(tmp_path / "embedded" / "stats.npz").tokens == 300
+    assert run("experts", "view", ckpt, "--expert", f"0:{report[0]['expert']}", "--text", "def g(y):",
+               "--max-tokens", "300", "--out", tmp_path / "embedded.html") == 0
+    assert "Top-activating contexts" in (tmp_path / "embedded.html").read_text()
     assert run("experts", "view", ckpt, "--expert", "9:1", "--text", "x", "--out", tmp_path / "v.html") == 2
     assert "group must be in [0, 2)" in capsys.readouterr().err
     assert run("perplexity", ckpt, "--mask", tmp_path / "nope.json") == 2
@@ -192,7 +198,7 @@ def test_experts_cli_end_to_end(model, tmp_path, capsys):
 @pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (apt-get install chromium)")
 def test_view_page_renders_in_headless_chromium(model, tmp_path):
     ckpt = model.save_checkpoint(tmp_path / "ckpt")
-    assert eval_main(["experts", "view", str(ckpt), "--expert", "0:9", "--text", "Hello world",
+    assert eval_main(["experts", "view", str(ckpt), "--expert", "0:9", "--text", "Hello world", "--contexts", "0",
                       "--out", str(tmp_path / "v.html"), "--png", str(tmp_path / "v.png")]) == 0
     png = (tmp_path / "v.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -23,7 +23,7 @@ def add_parsers(sub, common, corpus):
 
     st = sub.add_parser("stats", parents=[common, corpus],
                         help="per-expert activation mass and frequency over a corpus, with top contexts")
-    _data_args(st)
+    _data_args(st, required=False, default="the embedded corpus")
     st.add_argument("--out", required=True, help="directory for stats.npz and contexts.json")
     st.add_argument("--top", type=int, default=5, help="experts listed per group (by mass) with their contexts")
     st.add_argument("--contexts", type=int, default=5, help="top-activating contexts kept per listed expert")
@@ -52,8 +52,9 @@ def add_parsers(sub, common, corpus):
                           help="an HTML page (and PNG) of one expert: a text shaded by its score, its top contexts")
     view.add_argument("--expert", required=True, metavar="GROUP:ID", help="routing group and composed id i*E+j")
     view.add_argument("--text", required=True)
-    _data_args(view, required=False)
-    view.add_argument("--contexts", type=int, default=8)
+    _data_args(view, required=False, default="the embedded corpus")
+    view.add_argument("--contexts", type=int, default=8,
+                      help="top-activating contexts shown from --data (0: none, and no pass over a corpus)")
     view.add_argument("--out", required=True, help="the HTML file to write")
     view.add_argument("--png", default=None, help="also a screenshot (needs Chromium)")
 
@@ -240,7 +241,7 @@ def _view(args, model, tokenizer) -> int:
         scores.append(float(r.scores[hit[0]]) if hit.size else 0.0)
     tokens = [tokenizer.decode([t]) for t in ids[1:]]
     contexts = None
-    if args.data:
+    if args.contexts > 0:
         found, toks = top_contexts(model, tokenizer, read_corpus(args.data, args.format, args.text_key),
                                    [(group, ident)], top=args.contexts, **_corpus_kw(args))
         contexts = [dict(zip(("before", "token", "after"), describe_context(tokenizer, toks[c.doc], c.position),

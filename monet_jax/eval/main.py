@@ -4,7 +4,7 @@
     python eval.py generate runs/default/checkpoint --prompt "def main(" [--temperature 0.8 --top-p 0.95] [--stream 8]
     python eval.py tasks runs/default/checkpoint arc_easy.jsonl piqa.jsonl [--shots 5] [--tokenizer PATH]
     python eval.py experts tokens runs/default/checkpoint --text "def main():"
-    python eval.py experts stats runs/default/checkpoint --data corpus.jsonl --out stats/
+    python eval.py experts stats runs/default/checkpoint [--data corpus.jsonl] --out runs/default/stats
     python eval.py experts view runs/default/checkpoint --expert 0:37 --text "..." --out expert.html [--png P]
     python eval.py experts atlas runs/default/checkpoint [--data corpus.jsonl] --out atlas/   # a static site
     python eval.py experts select-domain runs/default/checkpoint --domain code=a.jsonl --domain prose=b.txt --out m/
