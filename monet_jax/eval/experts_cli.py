@@ -79,6 +79,7 @@ def add_parsers(sub, common, corpus):
                        help="a mask of select-domain / select-correlated: its experts are labelled NAME "
                             "(nothing is deleted); repeat for several")
     atlas.add_argument("--png", default=None, help="also a screenshot of the index (needs Chromium)")
+    _serve_parser(sub, corpus)
 
 
 def _data_args(p, required=True, default=None):
@@ -294,3 +295,74 @@ def _atlas(args, model, tokenizer) -> int:
     if args.png:
         print(f"wrote {screenshot(out / 'index.html', args.png)}")
     return 0
+
+
+def _serve_parser(sub, corpus) -> None:
+    serve = sub.add_parser("serve", parents=[corpus], help="the expert lab: a local web app where the model runs "
+                           "(your text's experts, live expert pages, ablation with before/after)")
+    serve.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
+    serve.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    serve.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="parameters and computation (default: float32 on a CPU, bfloat16 on TPU and GPU)")
+    _data_args(serve, required=False, default="the embedded corpus")
+    serve.add_argument("--atlas", default=None, metavar="DIR",
+                       help="an atlas built by `experts atlas` to open on (default: one is built into OUT/atlas)")
+    serve.add_argument("--no-atlas", action="store_true", help="build no atlas: open on the lab's text page")
+    serve.add_argument("--out", default="runs/lab", help="the only directory the lab writes to: its atlas and "
+                       "saved masks (default: %(default)s)")
+    serve.add_argument("--mask", action="append", default=[], dest="domain_masks", metavar="NAME=FILE",
+                       help="a mask of select-domain / select-correlated offered for ablation; repeat for several")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    serve.set_defaults(max_tokens=50_000)
+
+
+def serve(args) -> int:
+    """``experts serve``: start the server at once; the model loads in the background (the pages say so)."""
+    import uvicorn
+
+    from monet_jax.experts.lab.app import create_app
+    from monet_jax.experts.lab.service import LabService
+
+    out = Path(args.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if args.atlas is not None and args.no_atlas:
+        raise ValueError("--atlas and --no-atlas: choose one")
+    atlas = None if args.no_atlas else Path(args.atlas).resolve() if args.atlas else out / "atlas"
+    if args.atlas is not None and not (atlas / "index.html").is_file():
+        raise ValueError(f"--atlas {atlas}: no index.html (build one with `eval.py experts atlas`)")
+    masks = _domain_masks(args.domain_masks)  # unreadable files fail here, before the server starts
+    service = LabService(lambda note: _load_lab(args, out, atlas, masks, note))
+    app = create_app(service, atlas)
+    print(f"expert lab: http://{args.host}:{args.port}/  (the model loads in the background; Ctrl-C stops)",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _load_lab(args, out: Path, atlas: Path | None, masks: dict, note):
+    from monet_jax import MonetForCausalLM
+    from monet_jax.convert.hf import read_config
+    from monet_jax.data.tokenizer_files import tokenizer_for_checkpoint
+    from monet_jax.experts.lab.engine import Lab, LabOptions
+
+    note(f"reading {args.checkpoint}")
+    tokenizer = tokenizer_for_checkpoint(args.checkpoint, args.tokenizer,
+                                         vocab_size=read_config(args.checkpoint).vocab_size)
+    model = MonetForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype)
+    docs = read_corpus(args.data, args.format, args.text_key)
+    out.mkdir(parents=True, exist_ok=True)
+    source = {"checkpoint": str(args.checkpoint), "corpus": args.data or "the embedded corpus",
+              "tokenizer": tokenizer.source}
+    if atlas is not None and args.atlas is None:
+        from monet_jax.experts.atlas import AtlasOptions, collect, expert_domains
+        from monet_jax.experts.atlas_files import write_site
+
+        note("building the atlas")
+        built = collect(model, tokenizer, docs, AtlasOptions(), **_corpus_kw(args))
+        write_site(built, tokenizer, model.config, atlas, masks=expert_domains(masks, model),
+                   source={**source, "seq_len": args.seq_len})
+    note("reading the corpus's routing")
+    options = LabOptions(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    return Lab(model, tokenizer, docs, options, out_dir=out, domain_masks=masks, source=source)

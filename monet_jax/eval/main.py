@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     handler = {"perplexity": _perplexity, "tasks": _tasks, "generate": _generate}.get(args.command)
     try:
+        if args.command == "experts" and args.experts_command == "serve":  # loads its model in the background
+            return experts_cli.serve(args)
         if dist.launch(args) and args.command not in ("perplexity", "tasks"):
             raise ValueError("--distributed splits the work of perplexity and tasks; run the other commands in "
                              "one process")

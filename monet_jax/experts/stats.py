@@ -169,8 +169,10 @@ def corpus_stats(model, tokenizer, documents, *, seq_len: int = 128, batch_size:
 
 
 def token_stats(model, docs: list[np.ndarray], *, pad_id: int, seq_len: int = 128, batch_size: int = 8,
-                token_scores=None, desc: str = "experts") -> ExpertStats:
-    """:func:`corpus_stats` of documents already tokenized (``data.windows.document_tokens``)."""
+                token_scores=None, desc: str = "experts", squares: bool = False, on_batch=None) -> ExpertStats:
+    """:func:`corpus_stats` of documents already tokenized (``data.windows.document_tokens``). ``squares``: keep
+    the sums of ``s**2`` without token scores; ``on_batch(batch, count, probs)``: called for every batch, so a
+    caller that needs more than the sums reads the routing in the same pass."""
     if not model.config.is_moe:
         raise ValueError("the dense baseline has no experts to inspect")
     e = model.config.moe_experts
@@ -192,12 +194,15 @@ def token_stats(model, docs: list[np.ndarray], *, pad_id: int, seq_len: int = 12
             y *= count
             st.y_sum += float(y.sum())
             st.y_square += float((y**2).sum())
+        if on_batch is not None:
+            on_batch(batch, count, probs)
         mass, freq, sq, wt = [], [], [], []
         for g1, g2 in probs:
             mass.append(np.asarray(_mass(g1, g2, w), np.float64).ravel())
             freq.append(np.asarray(_frequency(g1, g2, jnp.asarray(count), k), np.int64))
-            if y is not None:
+            if y is not None or squares:
                 sq.append(np.asarray(_square_mass(g1, g2, w), np.float64).ravel())
+            if y is not None:
                 wt.append(np.asarray(_mass(g1, g2, jnp.asarray(y, jnp.float32)), np.float64).ravel())
         st.tokens += int(count.sum())
         for name, vals in (("mass", mass), ("frequency", freq), ("square", sq), ("weighted", wt)):
