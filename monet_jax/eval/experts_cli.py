@@ -319,9 +319,12 @@ def _serve_parser(sub, corpus) -> None:
 
 def serve(args) -> int:
     """``experts serve``: start the server at once; the model loads in the background (the pages say so)."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from monet_jax.experts.lab.app import create_app
+        from monet_jax.experts.lab.app import create_app
+    except ImportError as e:
+        raise ValueError(f"the expert lab needs fastapi and uvicorn ({e}): pip install -e '.[lab]'") from None
     from monet_jax.experts.lab.service import LabService
 
     out = Path(args.out).expanduser().resolve()

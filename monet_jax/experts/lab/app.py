@@ -9,6 +9,7 @@ with ``{"error": "..."}`` that the pages show; nothing but ``POST /api/masks`` w
 
 from __future__ import annotations
 
+import traceback
 from importlib import resources
 from pathlib import Path
 
@@ -62,6 +63,12 @@ def create_app(service: LabService, atlas_dir: str | Path | None = None) -> Fast
     @app.exception_handler(LabError)
     async def _lab_error(request: Request, e: LabError):
         return JSONResponse({"error": str(e)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _failure(request: Request, e: Exception):  # a fault of the lab's own: still a message in the page
+        traceback.print_exception(e)
+        return JSONResponse({"error": f"the lab failed on this request ({type(e).__name__}: {e}); the server's "
+                                      "log has the traceback"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, e: RequestValidationError):

@@ -281,6 +281,7 @@ class Lab:
         i, j = divmod(x, self.E)
         head = np.asarray(self.model.lm_head.kernel[...], np.float64)  # [d, V]
         effect = (gp * p[i]) @ head[:p.shape[1]] + (gq * q[j]) @ head[p.shape[1]:]
+        effect = effect[:min(effect.size, self.tokenizer.vocab_size)]  # rows past the tokenizer: padding, no token
         k = self.options.logit_tokens
         order = np.argsort(-effect, kind="stable")
         item = lambda t: {"token": int(t), "label": token_label(self.tokenizer, int(t)), "logit": float(effect[t])}
@@ -425,7 +426,18 @@ class Lab:
         new = [int(t) for t in res["tokens"][0]]
         stops = set(self.tokenizer.eos_ids)
         end = next((k + 1 for k, t in enumerate(new) if t in stops), len(new))
-        return {"ids": new[:end], "text": self.tokenizer.decode(new[:end])}
+        return {"ids": new[:end], "text": self.decode(new[:end])}
+
+    def decode(self, ids: list[int]) -> str:
+        """``ids`` as text; an id past the tokenizer's (a model whose vocabulary is padded) shows as ``<id N>``."""
+        out, run = [], []
+        for t in ids:
+            if 0 <= t < self.tokenizer.vocab_size:
+                run.append(t)
+                continue
+            out += [self.tokenizer.decode(run), f"<id {t}>"]
+            run = []
+        return "".join(out) + self.tokenizer.decode(run)
 
     def ablate(self, text: str, mask: ExpertMask, *, new_tokens: int = 24, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
