@@ -195,8 +195,34 @@ _HF_IGNORED = {
 
 @dataclasses.dataclass(frozen=True)
 class MonetConfig:
-    """Monet / LLaMA architecture. Field names are those of the Hugging Face ``config.json``;
-    ``param_dtype`` and ``compute_dtype`` are this project's dtype policy and never written there."""
+    """The architecture of Monet or of its dense LLaMA baseline, plus how this project runs it.
+
+    Field names are those of the Hugging Face ``config.json``, so a config reads and writes that file
+    unchanged, and the LLaMA fields (``hidden_size``, ``num_attention_heads``, ``rope_theta``, ...) mean what
+    they mean there; the defaults are Monet-VD 1.4B as published. Frozen, and checked when built:
+    a bad value is a one-line ``ConfigError``. In YAML it is the ``model:`` section (``train.py
+    --print-config`` lists every key).
+
+    Attributes:
+        moe_experts: ``E``, experts per side of each product-key router; a layer mixes ``E * E`` composed
+            experts ``(i, j)``.
+        moe_heads: ``H``, router heads; a composed expert's score is ``sum_h g1[h, i] * g2[h, j]``.
+        moe_topk: About how many experts pass each head's BatchNorm threshold (the routers' sparsity).
+        moe_dim: ``m``, the hidden units of each expert.
+        moe_groups: Consecutive layers that share one router (a routing group).
+        moe_decompose: ``vertical`` (Monet-VD), ``horizontal`` (Monet-HD), or ``none`` for the dense
+            LLaMA MLP of ``intermediate_size``.
+        torch_dtype: How the weights are stored in a Hugging Face checkpoint; never how they run.
+        param_dtype: The parameters' dtype in memory (this project's policy, never in ``config.json``).
+        compute_dtype: The dtype of activations and products (policy as well; logits are float32).
+        remat: What the backward pass recomputes: ``none``, ``layer``, ``dots`` (keeps the products'
+            outputs) or ``group``.
+        scan_groups: ``lax.scan`` over routing groups, so compile time does not grow with depth.
+        moe_impl: The expert layers' implementation: ``xla``, ``pallas`` (kernels), ``sparse`` (gathers
+            the experts in use) or ``auto`` (chosen per call).
+        moe_sparse_k: Experts the sparse path gathers per token and head (0: ``min(E, 2 * moe_topk)``).
+        attention_impl: ``auto`` (the flash kernel on TPU when it applies), ``xla`` or ``flash``.
+    """
 
     vocab_size: int = 32000
     hidden_size: int = 2048
@@ -312,6 +338,7 @@ class MonetConfig:
     # -- I/O -------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, prefix: str = "") -> MonetConfig:
+        """Build from a mapping of field names; an unknown key is an error that names the closest keys."""
         return from_dict(cls, data, prefix=prefix)
 
     @classmethod
@@ -348,6 +375,8 @@ class MonetConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, **policy: str) -> MonetConfig:
+        """Read a Hugging Face ``config.json`` file; ``policy`` sets the fields it never holds (dtypes,
+        ``moe_impl``, ...)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config.json not found: {path}")

@@ -41,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``monet-convert``: ``hf-to-jax`` or ``jax-to-hf``, bit-exact on every tensor, with the tokenizer files
+    carried; the output directory appears only once it is complete.
+
+    Args:
+        argv: The command line without the program name (``None``: ``sys.argv[1:]``), e.g.
+            ``["jax-to-hf", "runs/default/checkpoint", "runs/default/hf"]``.
+
+    Returns:
+        The exit status, 0 or 2 for an unreadable source, a config it cannot convert or an output that
+            exists without ``--overwrite``, after one line on stderr.
+    """
     args = build_parser().parse_args(argv)
     from monet_jax.convert import hf
 

@@ -286,8 +286,20 @@ def find_tokenizer_file(directory: Path) -> Path | None:
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """``"byte"``, or a path to a ``tokenizer.json`` / ``tokenizer.model`` file or a directory holding one (or
-    holding the byte tokenizer's record: a tokenizer_config.json with ``"monet_tokenizer": "byte"``)."""
+    """Load a tokenizer by name or path, without a checkpoint (``tokenizer_for_checkpoint`` reads a
+    checkpoint's own).
+
+    Args:
+        spec: ``"byte"`` (one id per UTF-8 byte, the default runs'), or a ``tokenizer.json`` /
+            ``tokenizer.model`` file or a directory holding one (or holding the byte tokenizer's record, a
+            ``tokenizer_config.json`` with ``"monet_tokenizer": "byte"``).
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        ValueError: No tokenizer at ``spec``.
+    """
     if str(spec) == "byte":
         return ByteTokenizer()
     path = Path(spec).expanduser()

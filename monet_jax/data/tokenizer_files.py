@@ -47,12 +47,23 @@ def has_tokenizer(directory: str | Path) -> bool:
 
 def tokenizer_for_checkpoint(checkpoint: str | Path, tokenizer: str | None = None, *, vocab_size: int | None = None,
                              flag: str = "--tokenizer PATH") -> Tokenizer:
-    """The tokenizer to read ``checkpoint`` with, like ``AutoTokenizer.from_pretrained(checkpoint)``.
+    """The tokenizer to read ``checkpoint`` with, found as ``AutoTokenizer.from_pretrained(checkpoint)`` finds
+    it: ``tokenizer.json`` or ``tokenizer.model`` beside ``config.json``, with its special tokens and chat
+    template.
 
-    ``tokenizer`` (``"byte"`` or a path) overrides the checkpoint's own files. A checkpoint without tokenizer
-    files is read with the byte tokenizer only when its vocabulary is byte-sized; otherwise, and when the
-    tokenizer has more ids than the model's embedding, a one-line ``ValueError`` says what to pass (``flag``).
-    The returned tokenizer's ``source`` is the one line a command prints about it."""
+    Args:
+        checkpoint: Our checkpoint directory or a Hugging Face one.
+        tokenizer: ``"byte"`` or a path, instead of the checkpoint's own files.
+        vocab_size: The model's vocabulary (default: read from the checkpoint's ``config.json``).
+        flag: How an error names the override to pass (a command's ``--tokenizer PATH``).
+
+    Returns:
+        The tokenizer; its ``source`` is the one line a command prints about it.
+
+    Raises:
+        ValueError: The checkpoint has no tokenizer files and its vocabulary is not byte-sized, or the
+            tokenizer has more ids than the model's embedding (one line that says what to pass).
+    """
     checkpoint = Path(checkpoint).expanduser()
     if vocab_size is None:
         if not checkpoint.is_dir():

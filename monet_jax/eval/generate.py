@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +20,22 @@ import numpy as np
 
 from monet_jax.model.pure import PureModel, decodes_sparse
 
+if TYPE_CHECKING:
+    from monet_jax.model.transformer import MonetForCausalLM
+
 
 @dataclass(frozen=True)
 class Sampling:
+    """How ``generate`` draws each token. Frozen and hashable: it is a static argument of the compiled
+    decoding loop, so each distinct setting compiles once.
+
+    Attributes:
+        temperature: Divides the logits; 0 (the default) takes the most likely token (greedy).
+        top_k: Sample among the ``top_k`` likeliest tokens; 0 keeps all.
+        top_p: Nucleus sampling: keep the likeliest tokens while the probability before each is below
+            ``top_p`` (the likeliest always stays); 1 keeps all.
+    """
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0            # 0 = no top-k cut
     top_p: float = 1.0        # 1 = no nucleus cut
@@ -112,20 +125,43 @@ def _decode(model, s: Decoding, f: _Fixed, stop, sampling: Sampling, keep_logits
     return jax.lax.while_loop(lambda s: (s.n < stop) & ~jnp.all(s.done), step, s)
 
 
-def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int | Sequence[int] | None,
-             pad_id: int = 0,
+def generate(model: MonetForCausalLM, prompts: list[list[int]], *, max_new_tokens: int,
+             eos_id: int | Sequence[int] | None, pad_id: int = 0,
              sampling: Sampling = Sampling(), seed: int = 0, return_logits: bool = False,
              chunk: int | None = None, on_tokens: Callable[[np.ndarray], None] | None = None,
              pure: PureModel | None = None) -> dict:
-    """Continue each prompt (token ids, bos included) by up to ``max_new_tokens``; a row stops after it
-    samples ``eos_id`` (or any of several: a generation_config.json's list). Returns ``tokens`` (new ids per
-    row, eos included), timings (prefill with its compilation; decoding after its first step) and
-    optionally the logits each new token was drawn from.
+    """Continue a batch of prompts on the device, with a key/value cache, in two compiled calls.
 
-    ``chunk``: return to the host every ``chunk`` tokens and call ``on_tokens`` with every row's tokens so
-    far (``[b, n]``, ``pad_id`` after eos) for streaming. ``pure``: the model already split (repeated calls;
-    ``PureModel(model, expert_rows=True)`` lets the sparse path of small batches read only the ``u`` rows of the
-    experts in use, as a ``PureModel`` made here does when decoding takes that path)."""
+    The first call fills the cache and draws the first token; the second decodes the rest in one
+    ``lax.while_loop``, so the host is not in the loop unless ``chunk`` asks for it. Prompt length, batch
+    and cache are rounded up to powers of two, so a new prompt length rarely compiles again.
+
+    Args:
+        model: A ``MonetForCausalLM``.
+        prompts: Token ids per prompt, bos included (``tokenizer.encode`` does not add it); lengths may
+            differ.
+        max_new_tokens: The most tokens to add to each prompt.
+        eos_id: A row stops after it samples this id, or any of a list (a ``generation_config.json`` may
+            name several); ``None``: rows run to ``max_new_tokens``.
+        pad_id: Fills the prompts' left padding and a stopped row's tokens in ``on_tokens``.
+        sampling: Greedy by default; see ``Sampling``.
+        seed: The sampling key's seed: the same seed and prompts give the same tokens.
+        return_logits: Also return the float32 logits each new token was drawn from.
+        chunk: Return to the host every ``chunk`` tokens and call ``on_tokens`` (streaming).
+        on_tokens: Called with every row's tokens so far, ``[rows, n]``, ``pad_id`` after eos.
+        pure: The model already split (``PureModel(model)``), for repeated calls; with
+            ``expert_rows=True`` the sparse path of small batches reads only the experts in use, as the one
+            made here does when decoding takes that path.
+
+    Returns:
+        ``tokens`` (per prompt the new ids, eos included), ``prefill_seconds`` (with its compilation),
+            ``decode_seconds`` and ``decode_tokens_per_second`` (after the first decoding step, which
+            compiles; ``None`` when too few tokens were timed) and, with ``return_logits``, ``logits``
+            ``[rows, steps, vocab]``.
+
+    Raises:
+        ValueError: An empty prompt, or ``max_new_tokens`` below 1.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:

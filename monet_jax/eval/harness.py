@@ -233,7 +233,18 @@ def _batch_size(value) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``monet-lm-eval``: lm-eval's own CLI, with ``monet_jax`` registered (this module's import did that)."""
+    """``monet-lm-eval``: lm-eval's own command line, with the ``monet_jax`` model registered (importing this
+    module registers it; plain ``lm_eval`` has no model plugins, so it never sees it).
+
+    Args:
+        argv: The command line without the program name (``None``: ``sys.argv[1:]``), e.g.
+            ``["--model", "monet_jax", "--model_args", "pretrained=runs/default/checkpoint",
+            "--tasks", "my_task", "--include_path", "my_tasks/"]``.
+
+    Raises:
+        SystemExit: With status 2 for a bad checkpoint, task or model argument, after one line on
+            stderr; lm-eval's own exits otherwise.
+    """
     from lm_eval.__main__ import cli_evaluate
 
     from monet_jax.config import ConfigError

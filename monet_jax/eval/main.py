@@ -50,6 +50,17 @@ def _parents():
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``eval.py`` / ``monet-eval``: the evaluation commands (``perplexity``, ``tasks``, ``generate``,
+    ``experts ...``) on our checkpoint or a Hugging Face directory, read with its own tokenizer.
+
+    Args:
+        argv: The command line without the program name (``None``: ``sys.argv[1:]``), e.g.
+            ``["perplexity", "runs/default/checkpoint"]``.
+
+    Returns:
+        The exit status, 0 or 2 for a bad checkpoint, tokenizer, mask, corpus or argument, after one line
+            on stderr.
+    """
     p = argparse.ArgumentParser(prog="monet-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common, corpus = _parents()

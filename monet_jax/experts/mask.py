@@ -15,16 +15,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 
 from monet_jax.model.experts import ExpertDeletion
 
+if TYPE_CHECKING:
+    from monet_jax.model.transformer import MonetForCausalLM
+
 FORMAT = "monet-expert-mask"
 
 @dataclass
 class ExpertMask:
+    """The composed experts to delete, per routing group: what ``eval.py experts select-domain`` and
+    ``select-correlated`` write and every command's ``--mask`` reads.
+
+    Ids are kept per group, not per layer, because the layers of a group share one router and so one set of
+    composed experts. Apply one with ``apply_mask``.
+
+    Attributes:
+        experts: ``E`` (``moe_experts``): ids lie in ``[0, E * E)``.
+        groups: Per routing group, the deleted ids ``i * E + j`` (sorted and unique once built).
+        meta: How the experts were selected (free form; saved with the mask).
+
+    Raises:
+        ValueError: An id outside ``[0, E * E)``.
+    """
+
     experts: int
     groups: list[np.ndarray]  # per routing group: sorted unique int64 ids i * E + j
     meta: dict = field(default_factory=dict)
@@ -37,6 +56,7 @@ class ExpertMask:
 
     @property
     def count(self) -> int:
+        """How many composed experts the mask deletes, over all groups."""
         return sum(int(g.size) for g in self.groups)
 
     def matrix(self, group: int) -> np.ndarray:
@@ -46,12 +66,14 @@ class ExpertMask:
         return d.reshape(self.experts, self.experts)
 
     def union(self, other: ExpertMask) -> ExpertMask:
+        """The experts that either mask deletes (both masks of the same model)."""
         if other.experts != self.experts or len(other.groups) != len(self.groups):
             raise ValueError("expert masks of different models cannot be combined")
         return ExpertMask(self.experts, [np.union1d(a, b) for a, b in zip(self.groups, other.groups, strict=True)],
                           {"union": [self.meta, other.meta]})
 
     def save(self, path: str | Path) -> Path:
+        """Write the JSON file (parent directories too); returns its path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"format": FORMAT, "moe_experts": self.experts,
@@ -60,6 +82,7 @@ class ExpertMask:
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertMask:
+        """Read a mask file; a missing, unreadable or malformed one is a one-line ``ValueError``."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
@@ -75,8 +98,24 @@ class ExpertMask:
             raise ValueError(f"expert mask {path}: missing or malformed field {e}") from None
 
 
-def apply_mask(model, mask: ExpertMask | None):
-    """Delete ``mask``'s experts from ``model`` in place (``None`` restores every expert); returns the model."""
+def apply_mask(model: MonetForCausalLM, mask: ExpertMask | None) -> MonetForCausalLM:
+    """Delete ``mask``'s experts from ``model`` in place, for every later call, until another mask replaces it.
+
+    A deleted expert's output is subtracted inside each layer of its group; the other experts' routing
+    probabilities are left as they are (no renormalization), as in the paper. The mask is a model variable
+    of its own, never saved with the weights.
+
+    Args:
+        model: A Monet ``MonetForCausalLM``.
+        mask: The experts to delete; ``None`` restores every expert.
+
+    Returns:
+        ``model``, for chaining.
+
+    Raises:
+        ValueError: The mask is for another number of routing groups or experts, or the model is the
+            dense baseline.
+    """
     groups = model.model.routing_groups() if model.config.is_moe else []
     if mask is not None:
         if not model.config.is_moe:
@@ -92,6 +131,14 @@ def apply_mask(model, mask: ExpertMask | None):
     return model
 
 
-def load_mask(model, path: str | Path | None):
-    """``apply_mask`` from a file path (``None``: no mask); the eval commands' ``--mask``."""
+def load_mask(model: MonetForCausalLM, path: str | Path | None) -> MonetForCausalLM:
+    """``apply_mask`` with a mask file: what the commands' ``--mask PATH`` does.
+
+    Args:
+        model: A Monet ``MonetForCausalLM``.
+        path: A mask file (``ExpertMask.save``'s JSON); ``None`` leaves the model as it is.
+
+    Returns:
+        ``model``.
+    """
     return model if path is None else apply_mask(model, ExpertMask.load(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import flax.struct
 import jax
@@ -19,11 +20,18 @@ from monet_jax.model.layers import Dense, Embed, RMSNorm, rope_tables
 from monet_jax.model.router import Router
 from monet_jax.sharding import constrain
 
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
+
+    from monet_jax.data.tokenizer import Tokenizer
+
 RESIDUAL = ("batch", "seq", "act_embed")
 
 
 @flax.struct.dataclass
 class CausalLMOutput:
+    """What ``MonetForCausalLM.__call__`` returns (a pytree, so it passes through ``jax.jit``)."""
+
     logits: jax.Array  # [b, t, vocab] float32
     router_probs: tuple[tuple[jax.Array, jax.Array], ...] | None = None  # per routing group: (g1, g2)
     router_sums: tuple | None = None  # per routing group: the aux-loss token sums of Router.route
@@ -171,10 +179,17 @@ def _scan_groups(groups, x_btd, cos_btd, sin_btd, mask, remat: str):
 
 
 class MonetForCausalLM(nnx.Module):
-    """Monet (or its dense LLaMA baseline) with an untied ``lm_head``; logits are float32.
+    """Monet (or its dense LLaMA baseline) for next-token prediction: the one model class that training,
+    evaluation, generation, conversion and the expert tools share.
 
-    ``model.train()`` switches the routers' BatchNorm to batch statistics (updating the running
-    statistics); ``model.eval()`` (the default) uses the running statistics.
+    Build one from a config for training, or load a checkpoint with ``from_pretrained``. Logits are
+    float32 whatever the compute dtype, so losses and sampling do not depend on it. ``model.train()``
+    switches the routers' BatchNorm to batch statistics (updating the running statistics);
+    ``model.eval()``, the default, uses the running statistics, as the published checkpoints expect.
+
+    Args:
+        config: The architecture (Hugging Face field names) and the dtype policy.
+        rngs: Initialization randomness (default ``nnx.Rngs(0)``); loading replaces every parameter.
     """
 
     def __init__(self, config: MonetConfig, *, rngs: nnx.Rngs | None = None):
@@ -186,9 +201,26 @@ class MonetForCausalLM(nnx.Module):
                              param_dtype=jnp.dtype(config.param_dtype),
                              compute_dtype=jnp.dtype(config.compute_dtype), rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, segment_ids=None,
-                 output_router_probs: bool = False):
-        """``segment_ids`` (packed rows): tokens attend only within their document (0 = padding)."""
+    def __call__(self, input_ids: ArrayLike, attention_mask: ArrayLike | None = None,
+                 position_ids: ArrayLike | None = None, *, segment_ids: ArrayLike | None = None,
+                 output_router_probs: bool = False) -> CausalLMOutput:
+        """Logits of a batch of token ids: one causal forward pass, without a key/value cache.
+
+        Args:
+            input_ids: Token ids ``[batch, seq]``.
+            attention_mask: ``[batch, seq]``, 1 for tokens and 0 for padding, which no token attends to
+                (default: every token).
+            position_ids: ``[batch, seq]`` rotary positions (default: ``0 .. seq - 1`` in every row).
+            segment_ids: ``[batch, seq]`` for packed rows: a token attends only within its own document
+                (0 = padding).
+            output_router_probs: Also return each routing group's router probabilities (what the expert
+                tools and the auxiliary losses read).
+
+        Returns:
+            Float32 ``logits [batch, seq, vocab]`` and, with ``output_router_probs``, per routing group the
+                ``(g1, g2)`` probabilities ``[batch, seq, moe_heads, moe_experts]`` and the token sums of
+                the auxiliary losses.
+        """
         hidden_btd, probs = self.model(jnp.asarray(input_ids), attention_mask, position_ids, segment_ids)
         logits = self.lm_head(hidden_btd, out_dtype=jnp.float32).astype(jnp.float32)
         logits = constrain(logits, ("batch", "seq", "vocab"))
@@ -244,12 +276,24 @@ class MonetForCausalLM(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: str | None = None, param_dtype: str | None = None,
                         compute_dtype: str | None = None, moe_impl: str = "auto") -> MonetForCausalLM:
-        """Load a Hugging Face checkpoint directory (any layout) or one of our Orbax checkpoints, for
-        inference by default: ``moe_impl="auto"`` reads only the experts in use at small token counts.
+        """Load a Hugging Face checkpoint directory (any layout: safetensors, sharded, ``.bin``) or one of
+        ours (``save_checkpoint``, ``train.py``'s ``out_dir/checkpoint``).
 
-        The dtypes never come from the checkpoint (its stored dtype is only how it is kept on disk):
-        ``dtype`` (parameters and computation), else the platform's (``config.inference_dtypes``: float32
-        on a CPU, bfloat16 on TPU and GPU); ``param_dtype`` / ``compute_dtype`` override either alone."""
+        The dtypes never come from the checkpoint: its stored dtype is only how it is kept on disk, and a
+        bfloat16 file runs in float32 on a CPU.
+
+        Args:
+            path: The checkpoint directory.
+            dtype: Parameters and computation, e.g. ``"bfloat16"`` (default: the platform's, float32 on a
+                CPU and bfloat16 on TPU and GPU).
+            param_dtype: Overrides the parameters' dtype alone.
+            compute_dtype: Overrides the computation's dtype alone.
+            moe_impl: The expert layers' implementation; ``"auto"``, for inference, reads only the experts
+                in use when few tokens run (decoding) and takes the dense path otherwise.
+
+        Returns:
+            The model, in eval mode (BatchNorm on its running statistics).
+        """
         from monet_jax.config import inference_dtypes
         from monet_jax.convert import hf
 
@@ -266,9 +310,22 @@ class MonetForCausalLM(nnx.Module):
         return cls.from_flat(config, flat)
 
     def save_pretrained(self, out_dir: str | Path, *, torch_dtype: str | None = None,
-                        max_shard_size: int | str = "5GB", overwrite: bool = False, tokenizer=None) -> Path:
-        """Hugging Face layout (``config.json`` + safetensors), loadable by the upstream PyTorch code;
-        ``tokenizer`` (one of ``monet_jax.data.tokenizer``'s) is written beside the weights."""
+                        max_shard_size: int | str = "5GB", overwrite: bool = False,
+                        tokenizer: Tokenizer | None = None) -> Path:
+        """Write the Hugging Face layout, which the upstream PyTorch code and ``from_pretrained`` load.
+
+        Args:
+            out_dir: The directory to write (``config.json``, safetensors shards and their index).
+            torch_dtype: The stored dtype (default: the config's ``torch_dtype``).
+            max_shard_size: The largest shard, in bytes or as ``"5GB"``.
+            overwrite: Replace ``out_dir`` when it exists and is not empty (without it, an error). The
+                directory is written beside and renamed into place, so it appears whole or not at all.
+            tokenizer: A tokenizer of ``monet_jax.data.tokenizer`` to write beside the weights, so that
+                the directory reads its text as ``AutoTokenizer`` would.
+
+        Returns:
+            ``out_dir``.
+        """
         from monet_jax.convert import hf
 
         flat = self.flat_state()
@@ -276,9 +333,22 @@ class MonetForCausalLM(nnx.Module):
                            torch_dtype=torch_dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                            extra=_tokenizer_writer(tokenizer))
 
-    def save_checkpoint(self, out_dir: str | Path, *, overwrite: bool = False, tokenizer=None) -> Path:
-        """Our own format: ``config.json`` + an Orbax ``state/`` (restores with ``from_pretrained``), and
-        ``tokenizer``'s files when given."""
+    def save_checkpoint(self, out_dir: str | Path, *, overwrite: bool = False,
+                        tokenizer: Tokenizer | None = None) -> Path:
+        """Write our own format, ``config.json`` and an Orbax ``state/``: the parameters and BatchNorm
+        statistics exactly as they are in memory, without a conversion (``from_pretrained`` restores it).
+        An applied expert-deletion mask is not saved.
+
+        Args:
+            out_dir: The directory to write.
+            overwrite: Replace ``out_dir`` when it exists and is not empty (without it, an error). The
+                directory is written beside and renamed into place, so it appears whole or not at all.
+            tokenizer: A tokenizer of ``monet_jax.data.tokenizer`` to write beside it, so that ``eval.py``
+                and ``AutoTokenizer`` read the checkpoint's text as it was trained.
+
+        Returns:
+            ``out_dir``.
+        """
         from monet_jax.convert import hf
 
         return hf.save_orbax(out_dir, self.config, self.flat_state(), overwrite=overwrite,

@@ -210,6 +210,17 @@ def _report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``tools/aot_compile.py``: compile the real training step (or the decoding loop) for a TPU topology or
+    one H100 on a machine without either, and print its memory and costs.
+
+    Args:
+        argv: The command line without the program name (``None``: ``sys.argv[1:]``), e.g.
+            ``["--config", "configs/monet-vd-1.4b.yaml", "--topology", "v4:4x4x2"]``.
+
+    Returns:
+        The exit status, 0 when the program fits the device's memory, 1 when it does not and 2 for a bad
+            config or a missing compiler plugin.
+    """
     p = argparse.ArgumentParser(prog="aot_compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=None,

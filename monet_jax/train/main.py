@@ -227,6 +227,17 @@ def run(cfg: TrainConfig, *, stop_at: int | None = None, distributed: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``train.py`` / ``monet-train``: train from the embedded default, or from YAML configs merged in order
+    with dotted ``key=value`` overrides; a run resumes from the latest checkpoint in its ``out_dir``.
+
+    Args:
+        argv: The command line without the program name (``None``: ``sys.argv[1:]``), e.g.
+            ``["--config", "configs/monet-vd-1.4b.yaml", "optim.steps=100"]``.
+
+    Returns:
+        The exit status, 0 when the run finished or saved its state on a signal (the same command then
+            continues it) and 2 for a bad config, corpus or checkpoint, after one line on stderr.
+    """
     p = argparse.ArgumentParser(prog="monet-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", action="append", default=None,
