@@ -328,6 +328,16 @@ def test_serve_command_in_two_steps(checkpoint, corpus, tmp_path):
     assert set(tmp_path.iterdir()) - before == {out}
 
 
+def test_serve_reads_less_of_the_corpus_without_changing_other_commands():
+    from monet_jax.eval.main import parser
+
+    p = parser()
+    assert p.parse_args(["experts", "serve", "ck"]).max_tokens == 50_000
+    for argv in (["perplexity", "ck"], ["experts", "stats", "ck", "--out", "o"],
+                 ["experts", "atlas", "ck", "--out", "o"]):
+        assert p.parse_args(argv).max_tokens is None  # the whole corpus
+
+
 def test_serve_rejects_bad_arguments(checkpoint, tmp_path, capsys):
     assert eval_main(["experts", "serve", str(checkpoint), "--atlas", str(tmp_path)]) == 2
     assert "no index.html" in capsys.readouterr().err

@@ -298,7 +298,8 @@ def _atlas(args, model, tokenizer) -> int:
 
 
 def _serve_parser(sub, corpus) -> None:
-    serve = sub.add_parser("serve", parents=[corpus], help="the expert lab: a local web app where the model runs "
+    # Not the shared corpus parent: its actions are shared objects, and serve reads less of the corpus by default.
+    serve = sub.add_parser("serve", help="the expert lab: a local web app where the model runs "
                            "(your text's experts, live expert pages, ablation with before/after)")
     serve.add_argument("checkpoint", help="our checkpoint directory or a Hugging Face model directory")
     serve.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
@@ -314,7 +315,10 @@ def _serve_parser(sub, corpus) -> None:
                        help="a mask of select-domain / select-correlated offered for ablation; repeat for several")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    serve.set_defaults(max_tokens=50_000)
+    serve.add_argument("--seq-len", type=int, default=128, help="tokens per corpus window (default: %(default)s)")
+    serve.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    serve.add_argument("--max-tokens", type=int, default=50_000,
+                       help="corpus tokens read at start, for expert pages and search (default: %(default)s)")
 
 
 def serve(args) -> int:

@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         The exit status, 0 or 2 for a bad checkpoint, tokenizer, mask, corpus or argument, after one line
             on stderr.
     """
+    args = parser().parse_args(argv)
+    handler = {"perplexity": _perplexity, "tasks": _tasks, "generate": _generate}.get(args.command)
+    return _run(args, handler)
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every command's arguments (one parser, so a test can read their defaults)."""
     p = argparse.ArgumentParser(prog="monet-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common, corpus = _parents()
@@ -92,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
                           "(default: %(default)s)")
     exp = sub.add_parser("experts", help="expert microscope and scalpel")
     experts_cli.add_parsers(exp.add_subparsers(dest="experts_command", required=True), common, corpus)
-    args = p.parse_args(argv)
-    handler = {"perplexity": _perplexity, "tasks": _tasks, "generate": _generate}.get(args.command)
+    return p
+
+
+def _run(args, handler) -> int:
     try:
         if args.command == "experts" and args.experts_command == "serve":  # loads its model in the background
             return experts_cli.serve(args)
