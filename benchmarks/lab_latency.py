@@ -68,9 +68,9 @@ def main() -> int:
 
     from monet_jax.data.text import embedded_corpus
     from monet_jax.data.tokenizer import load_tokenizer
-    from monet_jax.experts.lab.app import create_app
-    from monet_jax.experts.lab.engine import Lab, LabOptions
-    from monet_jax.experts.lab.service import LabService
+    from monet_jax.eval.lab.app import create_app
+    from monet_jax.eval.lab.engine import Lab, LabOptions
+    from monet_jax.eval.lab.service import LabService
 
     tok = load_tokenizer("byte")
     text = tok.decode(tok.encode(TEXT)[:args.text_tokens - 1])  # with bos: --text-tokens tokens

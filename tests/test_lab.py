@@ -27,9 +27,9 @@ from tests.test_atlas import DOCS, PLANT_I, PLANT_J, PLANTED, TOKEN, E, H, plant
 pytest.importorskip("fastapi", reason="the lab needs fastapi and uvicorn (pip install -e '.[lab]')")
 pytest.importorskip("uvicorn", reason="the lab needs fastapi and uvicorn (pip install -e '.[lab]')")
 
-from monet_jax.experts.lab.app import create_app  # noqa: E402
-from monet_jax.experts.lab.engine import Lab, LabError, LabOptions  # noqa: E402
-from monet_jax.experts.lab.service import LabService  # noqa: E402
+from monet_jax.eval.lab.app import create_app  # noqa: E402
+from monet_jax.eval.lab.engine import Lab, LabError, LabOptions  # noqa: E402
+from monet_jax.eval.lab.service import LabService  # noqa: E402
 
 AT = ord(TOKEN) + OFFSET
 TARGET = " "                     # what follows "@" in TEXT: the planted expert makes the model predict it

@@ -326,10 +326,10 @@ def serve(args) -> int:
     try:
         import uvicorn
 
-        from monet_jax.experts.lab.app import create_app
+        from monet_jax.eval.lab.app import create_app
     except ImportError as e:
         raise ValueError(f"the expert lab needs fastapi and uvicorn ({e}): pip install -e '.[lab]'") from None
-    from monet_jax.experts.lab.service import LabService
+    from monet_jax.eval.lab.service import LabService
 
     out = Path(args.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
@@ -352,7 +352,7 @@ def _load_lab(args, out: Path, atlas: Path | None, masks: dict, note):
     from monet_jax import MonetForCausalLM
     from monet_jax.convert.hf import read_config
     from monet_jax.data.tokenizer_files import tokenizer_for_checkpoint
-    from monet_jax.experts.lab.engine import Lab, LabOptions
+    from monet_jax.eval.lab.engine import Lab, LabOptions
 
     note(f"reading {args.checkpoint}")
     tokenizer = tokenizer_for_checkpoint(args.checkpoint, args.tokenizer,

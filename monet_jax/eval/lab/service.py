@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from monet_jax.experts.lab.engine import Lab, LabError
+from monet_jax.eval.lab.engine import Lab, LabError
 
 
 class LabService:

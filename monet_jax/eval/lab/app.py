@@ -1,5 +1,5 @@
 """The expert lab's web app (FastAPI): the atlas's static pages, the lab's pages and a JSON API over one
-:class:`~monet_jax.experts.lab.service.LabService`.
+:class:`~monet_jax.eval.lab.service.LabService`.
 
 Routes: ``/`` opens the atlas (or the text page without one); ``/atlas/...`` serves the atlas with a script that
 links its pages to the live ones; ``/lab/...`` the lab's pages; ``/api/...`` the answers. Bad input is a 400
@@ -18,10 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from monet_jax.experts.lab.engine import LabError
-from monet_jax.experts.lab.service import LabService
+from monet_jax.eval.lab.engine import LabError
+from monet_jax.eval.lab.service import LabService
 
-SITE = resources.files("monet_jax.experts.lab").joinpath("site")
+SITE = resources.files("monet_jax.eval.lab").joinpath("site")
 PAGES = {"text.html", "expert.html", "ablate.html"}
 ASSETS = {"lab.js": "text/javascript", "lab.css": "text/css", "hook.js": "text/javascript"}
 HOOK = '<script src="/lab/hook.js"></script>\n</body>'

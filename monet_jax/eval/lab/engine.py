@@ -14,7 +14,7 @@ active). VD: ``[b1_i + sum_k V11_ik + sum_k V12_ik, b2_j + sum_k V21_jk + sum_k 
 suppresses are the largest and smallest entries of ``(gamma * direction) @ lm_head``, ``gamma`` the final
 RMSNorm's scale (its ``1 / rms``, a positive factor per token, left out).
 
-No web framework is imported here: :mod:`monet_jax.experts.lab.app` serves these answers.
+No web framework is imported here: :mod:`monet_jax.eval.lab.app` serves these answers.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from monet_jax.data.windows import document_tokens
+from monet_jax.eval.generate import Sampling, generate
 from monet_jax.experts.atlas import token_label, token_pieces
 from monet_jax.experts.mask import ExpertMask, apply_mask
 from monet_jax.experts.microscope import token_routing
@@ -419,8 +420,6 @@ class Lab:
         return np.asarray(nll, np.float64)[0, :ids.size - 1]
 
     def continuation(self, ids: np.ndarray, new_tokens: int, sampling, seed: int) -> dict:
-        from monet_jax.eval.generate import generate
-
         res = generate(self.model, [ids.tolist()], max_new_tokens=new_tokens, eos_id=self.tokenizer.eos_ids,
                        pad_id=self.tokenizer.pad_id, sampling=sampling, seed=seed)
         new = [int(t) for t in res["tokens"][0]]
@@ -443,8 +442,6 @@ class Lab:
                top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict:
         """``text`` before and after deleting ``mask``'s experts: per-token loss, mean loss (as ``eval.py
         perplexity`` scores the text as one document) and a continuation (greedy, or sampled with ``seed``)."""
-        from monet_jax.eval.generate import Sampling
-
         ids = self.text_ids(text)
         if ids.size < 2:
             raise LabError("the text needs at least one token after bos to score")
