@@ -15,7 +15,7 @@ import pytest
 
 from monet_jax.config import ConfigError
 from monet_jax.data import text
-from monet_jax.data.pipeline import DataConfig, make_iterator
+from monet_jax.data.pipeline import DataConfig, make_iterator, split_indices
 from monet_jax.data.tokenizer import load_tokenizer
 
 BOS, EOS = 1, 2
@@ -594,3 +594,33 @@ def test_tokenizer_errors_name_the_path(tmp_path):
     assert str(missing) in _error("cannot read tokenizer", load_tokenizer, str(tmp_path / "tok"))
     (tmp_path / "tokenizer.model").write_bytes(b"garbage")
     _error(r"cannot read tokenizer .*tokenizer\.model", load_tokenizer, str(tmp_path / "tokenizer.model"))
+
+
+def test_keyed_split_keeps_every_document_where_it_was():
+    """With keys (the embedded corpus, whose documents follow the package's files), a document added or removed
+    moves no other between the splits; the same seed holds out the same keys; at least one is held out."""
+    keys = [f"doc-{i}" for i in range(200)]
+    split = split_indices(len(keys), 0.1, 3, keys)
+    held = {keys[i] for i in split["validation"]}
+    assert 5 <= len(held) <= 40 and sorted(split["validation"].tolist() + split["train"].tolist()) == list(range(200))
+    more = ["new-a", *keys[:50], "new-b", *keys[51:]]  # two added, one removed
+    held_more = {more[i] for i in split_indices(len(more), 0.1, 3, more)["validation"]}
+    assert held_more - {"new-a", "new-b"} == held - {keys[50]}
+    assert {keys[i] for i in split_indices(len(keys), 0.1, 4, keys)["validation"]} != held  # the seed chooses
+    assert split_indices(3, 0.01, 0, ["a", "b", "c"])["validation"].size == 1
+    with pytest.raises(ValueError, match="2 keys for 3 documents"):
+        split_indices(3, 0.1, 0, ["a", "b"])
+
+
+def test_embedded_corpus_held_out_documents_survive_a_new_file(monkeypatch):
+    """A source file added to the package (the embedded corpus grows) leaves the held-out documents of the
+    default run where they were: ``eval.py perplexity`` still scores text the checkpoint never trained on."""
+    from monet_jax.data import text as text_module
+    from monet_jax.eval.main import held_out_documents
+
+    before = held_out_documents()
+    real = text_module.embedded_documents
+    monkeypatch.setattr(text_module, "embedded_documents",
+                        lambda: [("aaa/new_module.py", "x = 1\n"), *real(), ("zzz/other.py", "y = 2\n")])
+    after = held_out_documents()
+    assert [d for d in after if d not in ("x = 1\n", "y = 2\n")] == before

@@ -18,6 +18,7 @@ segment-masked, so the continuation sees no left context). Only the end of a fin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -225,14 +226,40 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Document indices of each split, each in source order; the same seed always holds out the same documents."""
+def split_indices(n: int, val_fraction: float, seed: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Document indices of each split, each in source order; the same seed always holds out the same documents.
+
+    Without ``keys``, ``round(n * val_fraction)`` documents drawn by the seed (a fixed dataset). With ``keys`` (one
+    stable name per document, for a corpus whose documents come and go: the embedded one), each document on its
+    own, held out when a hash of the seed and its key falls below ``val_fraction`` (at least one is), so adding or
+    removing documents never moves another between the splits."""
+    if keys is not None:
+        if len(keys) != n:
+            raise ValueError(f"{len(keys)} keys for {n} documents")
+        u = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{k}".encode(), digest_size=8).digest(), "big")
+                      for k in keys], np.float64) / 2.0**64
+        held = u < val_fraction
+        if val_fraction > 0 and n and not held.any():
+            held[np.argmin(u)] = True
+        if n and held.all():
+            raise ValueError(f"only {n} documents, all held out for validation (lower data.val_fraction)")
+        return {"validation": np.flatnonzero(held), "train": np.flatnonzero(~held)}
     n_val = 0 if val_fraction <= 0 else max(1, round(n * val_fraction))
     if n_val >= n:
         raise ValueError(f"only {n} documents: cannot hold out {n_val} for validation and keep any for training "
                          "(lower data.val_fraction or add data)")
     order = np.random.default_rng(seed).permutation(n)
     return {"validation": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+
+
+def document_keys(path: str | None) -> list[str] | None:
+    """The stable keys that choose the held-out documents of ``data.path`` (the embedded corpus's; None for a
+    dataset on disk, whose documents are fixed)."""
+    if path is not None:
+        return None
+    from monet_jax.data.text import embedded_documents
+
+    return [k for k, _ in embedded_documents()]
 
 
 def process_rows(batch_size: int, process_index: int, process_count: int) -> range:
@@ -268,7 +295,7 @@ def make_iterator(cfg: DataConfig, tokenizer: Tokenizer | str | None, *, split: 
     where = cfg.path or "the embedded corpus"
 
     source = open_documents(cfg.path, cfg.format, cfg.text_key, cfg.prompt_key, cfg.response_key)
-    indices = split_indices(len(source), cfg.val_fraction, seed)[split]
+    indices = split_indices(len(source), cfg.val_fraction, seed, document_keys(cfg.path))[split]
     if len(indices) == 0:
         raise ValueError(f"no {split} documents: the split has none of the {len(source)} documents in {where}")
     documents = _Documents(source, indices)

@@ -153,13 +153,14 @@ def _perplexity(args, model, tokenizer) -> int:
 def held_out_documents() -> list:
     """The embedded corpus's validation documents: those the default training run (its seed and
     ``val_fraction``) held out, so its perplexity is never measured on training text."""
-    from monet_jax.data.pipeline import split_indices
+    from monet_jax.data.pipeline import document_keys, split_indices
     from monet_jax.data.sources import open_documents
     from monet_jax.train.config import TrainConfig
 
     cfg = TrainConfig()
     src = open_documents(None, "auto", "text")
-    return [src[int(i)] for i in split_indices(len(src), cfg.data.val_fraction, cfg.seed)["validation"]]
+    held = split_indices(len(src), cfg.data.val_fraction, cfg.seed, document_keys(None))["validation"]
+    return [src[int(i)] for i in held]
 
 
 def _model_and_tokenizer(args):
