@@ -384,6 +384,11 @@ def test_rerunning_a_finished_or_different_run(tmp_path, capsys):
     data.write_text(saved.replace('"version": 2', '"version": 1'))
     with pytest.raises(ValueError, match="data iterator state has version 1, expected 2"):
         run(tiny("optim.steps=4", f"out_dir={tmp_path}"))
+    # the corpus grew since (the embedded one follows the package's files): a one-line way out
+    data.write_text(saved.replace('"documents": ', '"documents": 1', 1))
+    with pytest.raises(ValueError, match=r"different pipeline: documents=1\d+ \(now \d+\) \(the data changed since "
+                                         r"this checkpoint: use another out_dir, or checkpoint.resume=false"):
+        run(tiny("optim.steps=4", f"out_dir={tmp_path}"))
     data.write_text(saved)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]  # nothing moved or deleted
     summary = run(tiny("optim.steps=3", "model.hidden_size=64", "checkpoint.resume=false", f"out_dir={tmp_path}"))

@@ -47,7 +47,8 @@ class DataStateHandler(ocp.CheckpointHandler):
         try:
             args.iterator.set_state(merge_states(states))
         except ValueError as e:
-            raise RunMismatch(f"{directory}: {e}") from None
+            raise RunMismatch(f"{directory}: {e} (the data changed since this checkpoint: use another out_dir, or "
+                              "checkpoint.resume=false to start over)") from None
 
     def metadata(self, directory: epath.Path) -> None:
         return None
