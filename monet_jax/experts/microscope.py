@@ -46,9 +46,12 @@ def token_routing(model, ids_t: np.ndarray, deleted: list[set[int]] | None = Non
     ``deleted``: per group, expert ids left out of the lists (those an applied mask removed)."""
     if not model.config.is_moe:
         raise ValueError("the dense baseline has no experts to inspect")
-    ids_bt = np.asarray(ids_t, np.int32)[None]
-    probs = PureModel(model).jit(router_probs)(ids_bt, np.ones(ids_bt.shape, bool))
-    groups = [(np.asarray(g1)[0], np.asarray(g2)[0]) for g1, g2 in probs]
+    n = len(ids_t)
+    t = max(8, 1 << (n - 1).bit_length())  # padded to a power of two: texts of similar lengths share a compile
+    ids_bt = np.zeros((1, t), np.int32)
+    ids_bt[0, :n] = ids_t
+    probs = PureModel(model).jit(router_probs)(ids_bt, np.arange(t)[None] < n)
+    groups = [(np.asarray(g1)[0, :n], np.asarray(g2)[0, :n]) for g1, g2 in probs]
     out = [[composed_scores(g1[t], g2[t]) for g1, g2 in groups] for t in range(len(ids_t))]
     if deleted is not None:
         for per_group in out:
