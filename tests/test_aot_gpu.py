@@ -112,6 +112,10 @@ def test_tiny_train_step_compiles_for_an_h100(tmp_path):
     assert r["bytes_per_device"] > 0 and 0 < r["implied_mfu"] < 1
     assert "HloModule" in (tmp_path / "step.hlo").read_text()[:200]
     assert "kernels (loop bodies once)" in proc.stdout and "where the bytes go" in proc.stdout
+    # The Pallas kernels' registers where ptxas is found (XLA's attention here: no attention kernel).
+    kernels = r["triton_kernels"]
+    assert kernels is None if aot_gpu.find_ptxas() is None else all(k["registers"] > 0 for k in kernels)
+    assert not any(k["kernel"].startswith("mha") for k in kernels or []) and "Pallas Triton kernels" in proc.stdout
 
 
 @needs_plugin
@@ -135,3 +139,119 @@ def test_without_the_plugin_the_gpu_target_is_a_one_line_error(tmp_path, monkeyp
 
     monkeypatch.setattr(aot_gpu, "plugin_available", lambda: False)
     assert aot.main(["--topology", "h100"]) == 2
+
+
+# -- the Pallas Triton kernels' registers, spills and shared memory ------------------------------------------
+# What ``ptxas -v --gpu-name sm_90a`` printed for the PTX of a tiny VD step's dump (four kernels of two PTX
+# pieces, here in one), with a device function and an entry that is not a Pallas kernel between them.
+PTXAS_V = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'monet_vd_mix' for 'sm_90a'
+ptxas info    : Function properties for monet_vd_mix
+    504 bytes stack frame, 912 bytes spill stores, 916 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 504 bytes cumulative stack size
+ptxas info    : Compile time = 723.654 ms
+ptxas info    : Function properties for __internal_trig_reduction
+    40 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function 'loop_add_fusion_3' for 'sm_90a'
+ptxas info    : Function properties for loop_add_fusion_3
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 16 registers, used 0 barriers
+ptxas info    : Compile time = 3.120 ms
+ptxas info    : Compiling entry function 'monet_vd_mix_bwd__1' for 'sm_90a'
+ptxas info    : Function properties for monet_vd_mix_bwd__1
+    7864 bytes stack frame, 29184 bytes spill stores, 35424 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 7864 bytes cumulative stack size
+ptxas info    : Compile time = 3777.017 ms
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 1376 by compiler to allow use of registers in GMMA in function 'mha_forward'
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'mha_forward' for 'sm_90a'
+ptxas info    : Function properties for mha_forward
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 207 registers, used 1 barriers, 1024 bytes smem
+ptxas info    : Compile time = 129.905 ms
+"""  # noqa: E501
+# The same program's thunk sequence (launch dimensions) and optimized text (the Pallas calls), as XLA dumps them.
+THUNKS = """047: kCustomKernel [prev=046 (1)   | next=049 (2)  ] monet_vd_mix grid: [2, 2, 1] threads: [128, 1, 1]  shared_memory: 512 bytes
+048: kCustomKernel [prev=047 (1)   | next=049 (1)  ] loop_add_fusion_3 grid: [4, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+080: kCustomKernel [prev=079 (1)   | next=082 (2)  ] monet_vd_mix grid: [2, 2, 1] threads: [128, 1, 1]  shared_memory: 512 bytes
+144: kCustomKernel [prev=143 (1)   | next=146 (2)  ] monet_vd_mix_bwd__1 grid: [2, 2, 1] threads: [128, 1, 1]  shared_memory: 512 bytes
+150: kCustomKernel [prev=149 (1)   | next=151 (1)  ] mha_forward grid: [1, 2, 4] threads: [128, 1, 1]  shared_memory: 16384 bytes
+"""  # noqa: E501
+PALLAS_HLO = """  %pallas_call.3 = (bf16[2,2,4,32,128]{4,3,2,1,0}) custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 1 : i32, ir = "ML\\EFR\\0D name = \\22x\\22", name = "monet_vd_mix", num_stages = 2 : i32, num_warps = 4 : i32}
+  %pallas_call.9 = (bf16[2,4,32,128]{3,2,1,0}) custom-call(%q), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x = 2 : i32, grid_y = 2 : i32, grid_z = 1 : i32, ir = "ML\\EFR", name = "monet_vd_mix_bwd", num_stages = 2 : i32, num_warps = 4 : i32}
+  %pallas_call.12 = (bf16[2,128,4,32]{3,2,1,0}) custom-call(%k), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x = 1 : i32, grid_y = 2 : i32, grid_z = 4 : i32, ir = "ML\\EFR", name = "mha_forward", num_stages = 2 : i32, num_warps = 4 : i32}
+  %loop_add_fusion.3 = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_add
+"""  # noqa: E501
+
+
+def test_ptxas_report_per_kernel():
+    got = aot_gpu.parse_ptxas(PTXAS_V)
+    assert set(got) == {"monet_vd_mix", "loop_add_fusion_3", "monet_vd_mix_bwd__1", "mha_forward"}  # entries only
+    assert got["monet_vd_mix"] == {"registers": 255, "spill_store_bytes": 912, "spill_load_bytes": 916,
+                                   "stack_bytes": 504, "static_shared_bytes": 0}
+    assert got["monet_vd_mix_bwd__1"]["registers"] == 32 and got["monet_vd_mix_bwd__1"]["spill_load_bytes"] == 35424
+    assert got["mha_forward"] == {"registers": 207, "spill_store_bytes": 0, "spill_load_bytes": 0, "stack_bytes": 0,
+                                  "static_shared_bytes": 1024}
+    launches = aot_gpu.parse_thunks(THUNKS)
+    assert launches["monet_vd_mix"] == {"launches": 2, "grid": [2, 2, 1], "threads": 128, "shared_bytes": 512}
+    assert aot_gpu.pallas_calls(PALLAS_HLO) == {"monet_vd_mix": {"calls": 1, "num_warps": 4},
+                                                "monet_vd_mix_bwd": {"calls": 1, "num_warps": 4},
+                                                "mha_forward": {"calls": 1, "num_warps": 4}}
+
+
+def test_triton_kernels_from_a_dump(tmp_path):
+    """The dump's Pallas kernels (variants ``name__N`` too), not XLA's own kernels, each with ptxas's figures
+    and its launches; shared memory is the launch's (dynamic) plus ptxas's static; no ptxas: None."""
+    (tmp_path / "module_0001.jit_step.sm_9.0a_gpu_after_optimizations.txt").write_text(PALLAS_HLO)
+    (tmp_path / "module_0001.jit_step.thunk_sequence.txt").write_text(THUNKS)
+    entries = ("monet_vd_mix", "loop_add_fusion_3", "monet_vd_mix_bwd__1", "mha_forward")
+    (tmp_path / "module_0001.jit_step.7.ptx").write_text(
+        ".version 9.0\n.target sm_90a\n" + "".join(f".visible .entry {e}(\n)\n{{\n}}\n" for e in entries))
+    (tmp_path / "module_0001.jit_step.9.ptx").write_text(".visible .entry loop_add_fusion_4(\n)\n{\n}\n")
+    ptxas = tmp_path / "ptxas"  # prints the captured report, and which file it was given
+    (tmp_path / "report.txt").write_text(PTXAS_V)
+    ptxas.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls.txt\ncat {tmp_path}/report.txt\n')
+    ptxas.chmod(0o755)
+    rows = aot_gpu.triton_kernels(tmp_path, str(ptxas))
+    assert [r["name"] for r in rows] == ["mha_forward", "monet_vd_mix", "monet_vd_mix_bwd__1"]
+    assert (tmp_path / "calls.txt").read_text().split() == ["-v", "--gpu-name", "sm_90a", "-o", "/dev/null",
+                                                             str(tmp_path / "module_0001.jit_step.7.ptx")]
+    mix, bwd = rows[1], rows[2]
+    assert mix == {"name": "monet_vd_mix", "kernel": "monet_vd_mix", "launches": 2, "grid": [2, 2, 1],
+                   "threads": 128, "num_warps": 4, "registers": 255, "spill_store_bytes": 912,
+                   "spill_load_bytes": 916, "stack_bytes": 504, "shared_bytes": 512}
+    assert bwd["kernel"] == "monet_vd_mix_bwd" and bwd["launches"] == 1 and bwd["spill_store_bytes"] == 29184
+    assert rows[0]["shared_bytes"] == 16384 + 1024
+    table = "\n".join(aot_gpu.report_triton(rows))
+    assert "monet_vd_mix_bwd__1" in table and "spilling: monet_vd_mix, monet_vd_mix_bwd__1" in table
+    assert "not measured: ptxas not found" in aot_gpu.report_triton(None)[0]
+    with pytest.raises(FileNotFoundError):
+        aot_gpu.triton_kernels(tmp_path / "calls.txt", str(ptxas))  # no optimized program there
+
+
+@needs_plugin
+@pytest.mark.slow
+@pytest.mark.skipif(aot_gpu.find_ptxas() is None, reason="ptxas not found (CUDA's, or the nvidia-cuda-nvcc wheel)")
+def test_tiny_mixing_kernels_compile_for_an_h100_with_registers(tmp_path):
+    """A tiny VD layer's Triton mixing kernels (forward and backward, bfloat16) compiled for one H100 by XLA
+    here: ptxas reports registers for both, and their launches are in the thunk sequence."""
+    import jax
+    import jax.numpy as jnp
+
+    from monet_jax.kernels import dispatch, mixing_gpu
+
+    device = aot_gpu.gpu_devices("h100")[0]
+    b, m, h, e, t = 1, 2, 2, 16, 64
+    bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(device))  # noqa: E731
+
+    def layer(p1, p2, g1, g2, dtop, dbot):
+        return mixing_gpu.vd_forward(p1, p2, g1, g2), mixing_gpu.vd_backward(p1, p2, g1, g2, dtop, dbot)
+
+    args = (bf(b, m, e, t), bf(b, m, e, t), bf(b, h, e, t), bf(b, h, e, t), bf(b, 2, m, e, t), bf(b, 2, m, e, t))
+    with dispatch.force_interpret(False), dispatch.lowering_for("gpu"):
+        jax.jit(layer).lower(*args).compile(compiler_options={"xla_dump_to": str(tmp_path)})
+    rows = {r["kernel"]: r for r in aot_gpu.triton_kernels(tmp_path)}
+    assert set(rows) == {"monet_vd_mix", "monet_vd_mix_bwd"}, rows
+    for r in rows.values():
+        assert 0 < r["registers"] <= 255 and r["launches"] == 1 and r["threads"] == 128 and r["num_warps"] == 4
+        assert r["grid"] == [b, 1, 1] and r["shared_bytes"] >= 0

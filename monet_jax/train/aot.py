@@ -9,8 +9,9 @@
 
 TPU topologies need libtpu; ``h100`` needs jax's CUDA plugin (``monet_jax.train.aot_gpu``) and also lists
 the optimized program's kernels (Triton / cuBLAS / cuDNN / Pallas calls, products done as multiply + reduce,
-buffers shaped like ``[b, heads, t, t]``). ``--decode B`` compiles the decoding loop of ``generate`` at B rows
-instead of the training step (GPU targets).
+buffers shaped like ``[b, heads, t, t]``) and, where ptxas is found, each Pallas Triton kernel's registers,
+spills and shared memory. ``--decode B`` compiles the decoding loop of ``generate`` at B rows instead of the
+training step (GPU targets).
 
 Prints per-device memory (against the chip's HBM) and the compiler's cost analysis: FLOPs, bytes (plus
 the operand and result bytes of Pallas kernels, which the compiler does not count), its estimated step
@@ -235,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="compile the decoding loop at B rows instead of the training step (GPU targets)")
     p.add_argument("--strength-reduction", action="store_true",
                    help="with --decode: leave XLA's rewrite of one-row products into multiply + reduce on")
+    p.add_argument("--no-registers", action="store_true",
+                   help="GPU training step: skip measuring the Pallas Triton kernels' registers, spills and shared "
+                        "memory (ptxas -v run again on their PTX from a dump of the compile: minutes at 1.4B here)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs on CPU; the TPU exists only as a topology
@@ -295,6 +299,8 @@ def _report_gpu(r: dict) -> str:
                   f"{r['weight_bytes']:.4g} bytes -> roofline {r['roofline_steps_per_second']:.0f} steps/s"]
         return "\n".join(lines)
     lines += [f"{r['tokens_per_step']:,} tokens per step", *aot_gpu.report_inventory(r["inventory"])]
+    if "triton_kernels" in r:
+        lines += aot_gpu.report_triton(r["triton_kernels"], r.get("triton_kernels_note"))
     if "bytes_per_device" in r:
         lines += [f"cost: {r['flops_per_device']:.4g} FLOPs ({r['compiler_flops_per_device']:.4g} counted by XLA + "
                   f"{r['custom_call_flops_per_device']:.4g} in cuBLAS / cuDNN calls), {r['bytes_per_device']:.4g} "
@@ -321,7 +327,8 @@ def _main_gpu(args) -> int:
             result = aot_gpu.compile_decode(cfg.model, args.topology, batch=args.decode, hlo_path=args.hlo,
                                             strength_reduction=args.strength_reduction)
         else:
-            result = aot_gpu.compile_train_step(cfg, args.topology, cost=not args.memory_only, hlo_path=args.hlo)
+            result = aot_gpu.compile_train_step(cfg, args.topology, cost=not args.memory_only, hlo_path=args.hlo,
+                                                registers=not args.no_registers)
     except (ConfigError, ValueError) as e:
         print(f"aot_compile: error: {e}", file=sys.stderr)
         return 2

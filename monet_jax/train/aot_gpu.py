@@ -17,7 +17,10 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import re
+import shutil
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -172,6 +175,157 @@ def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | Non
     return result
 
 
+# -- Triton kernels: registers, spills and shared memory -----------------------------------------------------
+# With ``xla_dump_to`` XLA:GPU writes the module's PTX (``*.ptx``, one file per piece it compiled in parallel,
+# each Pallas Triton kernel an entry named as the call, ``__N`` added for a second variant), the optimized
+# program and its thunk sequence (every launch's grid, threads and dynamic shared memory). ptxas then gives
+# what XLA's own ``ptxas -arch=sm_90a --warn-on-spills`` made of each kernel (XLA runs the same binary,
+# found the same way, unless it is built with NVIDIA's compiler library).
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PTXAS_PROPS = re.compile(r"Function properties for (\S+)")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+_THUNK = re.compile(r"\]\s+([\w.\-]+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes")
+_PALLAS = re.compile(r'name = "([\w.\-]+)"(?:, num_stages = (\d+) : i32, num_warps = (\d+) : i32)?')
+
+
+def find_ptxas() -> str | None:
+    """The ptxas XLA:GPU compiles with: on ``PATH``, else in the ``nvidia-cuda-nvcc`` wheel, else CUDA's
+    usual places; None where there is none."""
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    candidates = []
+    try:
+        import nvidia.cuda_nvcc as nvcc  # the pip wheel (jax's CUDA extras)
+
+        candidates += [Path(p) / "bin" / "ptxas" for p in nvcc.__path__]
+    except ImportError:
+        pass
+    candidates += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "ptxas"]
+    return next((str(p) for p in candidates if p.is_file() and os.access(p, os.X_OK)), None)
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """``ptxas -v``'s report per entry function: ``registers`` per thread, ``spill_store_bytes``,
+    ``spill_load_bytes``, ``stack_bytes`` (the stack frame, where spills go) and ``static_shared_bytes``
+    (``.shared`` arrays of fixed size; Triton's shared memory is dynamic, given at launch)."""
+    out: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        if m := _PTXAS_ENTRY.search(line):
+            current = out.setdefault(m.group(1), {"registers": 0, "spill_store_bytes": 0, "spill_load_bytes": 0,
+                                                  "stack_bytes": 0, "static_shared_bytes": 0})
+        elif m := _PTXAS_PROPS.search(line):
+            current = out.get(m.group(1))  # None for a device function: not a kernel
+        elif current is not None and (m := _PTXAS_FRAME.search(line)):
+            current.update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)),
+                           spill_load_bytes=int(m.group(3)))
+        elif current is not None and (m := _PTXAS_USED.search(line)):
+            current["registers"] = int(m.group(1))
+            if s := _PTXAS_SMEM.search(line):
+                current["static_shared_bytes"] = int(s.group(1))
+    return out
+
+
+def parse_thunks(text: str) -> dict[str, dict]:
+    """Kernel launches of XLA:GPU's thunk sequence dump, per kernel name: ``launches``, ``grid``, ``threads``
+    and ``shared_bytes`` (the dynamic shared memory of a launch; the largest where launches differ)."""
+    out: dict[str, dict] = {}
+    for name, grid, threads, smem in _THUNK.findall(text):
+        k = out.setdefault(name, {"launches": 0, "grid": [int(g) for g in grid.split(",")],
+                                  "threads": math.prod(int(t) for t in threads.split(",")), "shared_bytes": 0})
+        k["launches"] += 1
+        k["shared_bytes"] = max(k["shared_bytes"], int(smem))
+    return out
+
+
+def pallas_calls(hlo_text: str) -> dict[str, dict]:
+    """The Pallas Triton calls of an optimized program by kernel name: how many calls, and ``num_warps``."""
+    out: dict[str, dict] = {}
+    for line in hlo_text.splitlines():
+        if '"__gpu$xla.gpu.triton"' not in line:
+            continue
+        found = _PALLAS.findall(line)
+        if found:
+            name, _, warps = found[-1]  # the call's own name comes last, after the serialized kernel
+            k = out.setdefault(name, {"calls": 0, "num_warps": int(warps) if warps else None})
+            k["calls"] += 1
+    return out
+
+
+def triton_kernels(dump_dir: str | Path, ptxas: str | None = None, *, timeout: float = 1800) -> list[dict] | None:
+    """Registers, spills and shared memory of the Pallas Triton kernels of the program dumped in ``dump_dir``
+    (``xla_dump_to``: its ``*.ptx``, ``*gpu_after_optimizations.txt`` and ``*thunk_sequence.txt``), by
+    running ``ptxas -v`` for ``sm_90a`` on the PTX that holds them. One row per compiled kernel (XLA's
+    variants of one Pallas kernel, ``name__1``..., separately): ``name``, ``kernel`` (the Pallas name),
+    ``launches``, ``grid``, ``threads``, ``registers`` (per thread), ``spill_store_bytes``,
+    ``spill_load_bytes``, ``stack_bytes``, ``shared_bytes`` (dynamic at launch + static). None without
+    ptxas; FileNotFoundError where the directory holds no optimized program."""
+    ptxas = ptxas or find_ptxas()
+    if ptxas is None:
+        return None
+    root = Path(dump_dir)
+    programs = sorted(root.glob("*gpu_after_optimizations.txt"))
+    if not programs:  # e.g. a compile served from jax's persistent cache: XLA did not run
+        raise FileNotFoundError(f"no optimized GPU program in {root} (the compile was not run by XLA)")
+    hlo = "\n".join(p.read_text() for p in programs)
+    thunks: dict[str, dict] = {}
+    for p in sorted(root.glob("*thunk_sequence.txt")):
+        thunks |= parse_thunks(p.read_text())
+    calls = pallas_calls(hlo)
+    if not calls:
+        return []
+    names = "|".join(re.escape(n) for n in sorted(calls, key=len, reverse=True))
+    variant = re.compile(rf"({names})(?:__\d+)?")
+    entry = re.compile(r"^\.(?:visible|weak) \.entry ([\w$.]+)\(", re.M)
+    rows = []
+    for ptx in sorted(root.glob("*.ptx")):
+        text = ptx.read_text()
+        wanted = [n for n in entry.findall(text) if variant.fullmatch(n)]
+        if not wanted:
+            continue
+        proc = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", "-o", "/dev/null", str(ptx)],
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ptxas failed on {ptx.name}: {proc.stderr[-2000:]}")
+        report = parse_ptxas(proc.stdout + proc.stderr)
+        for name in wanted:
+            got, launch = report.get(name, {}), thunks.get(name, {})
+            kernel = variant.fullmatch(name).group(1)
+            rows.append({
+                "name": name, "kernel": kernel, "launches": launch.get("launches"), "grid": launch.get("grid"),
+                "threads": launch.get("threads"), "num_warps": calls[kernel]["num_warps"],
+                "registers": got.get("registers"), "spill_store_bytes": got.get("spill_store_bytes"),
+                "spill_load_bytes": got.get("spill_load_bytes"), "stack_bytes": got.get("stack_bytes"),
+                "shared_bytes": (launch.get("shared_bytes") or 0) + got.get("static_shared_bytes", 0),
+            })
+    return sorted(rows, key=lambda r: r["name"])
+
+
+NO_PTXAS = "ptxas not found (on PATH, in the nvidia-cuda-nvcc wheel, or in CUDA_HOME/bin)"
+
+
+def report_triton(rows: list[dict] | None, note: str | None = None) -> list[str]:
+    if rows is None:
+        return [f"Pallas Triton kernels' registers and spills: not measured: {note or NO_PTXAS}"]
+    if not rows:
+        return ["Triton kernels' registers: no Pallas Triton kernels in the program"]
+    lines = ["Pallas Triton kernels (ptxas -v for sm_90a; registers per thread, at most 255; spill stores, spill "
+             "loads and stack in bytes per thread):",
+             f"  {'kernel':<28} {'launches':>8} {'threads':>7} {'registers':>9} {'spill st':>9} {'spill ld':>9} "
+             f"{'stack':>7} {'shared':>8}"]
+    for r in rows:
+        lines.append(f"  {r['name']:<28} {r['launches'] or 0:>8} {r['threads'] or 0:>7} {r['registers']:>9} "
+                     f"{r['spill_store_bytes']:>9,} {r['spill_load_bytes']:>9,} {r['stack_bytes']:>7,} "
+                     f"{r['shared_bytes']:>8,}")
+    spilling = [r["name"] for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    lines.append(f"  spilling: {', '.join(spilling) if spilling else 'none'}")
+    return lines
+
+
 def _dims(shape: str) -> list[list[int]]:
     return [[int(d) for d in dims.split(",") if d] for _, dims, _ in hlo_bytes._ARRAY.findall(shape)]
 
@@ -266,10 +420,12 @@ def costs(compiled, hlo_text: str, model_flops: float, target: str) -> dict:
 
 
 def compile_train_step(cfg, target: str = "h100", *, cost: bool = True, hlo_path: str | None = None,
-                       compiler_options: dict | None = None, devices=None) -> dict:
+                       compiler_options: dict | None = None, devices=None, registers: bool = False) -> dict:
     """The training step of ``cfg`` compiled for one GPU of ``target``: memory, kernels and costs, with the
     same fields as the TPU compile (``aot.compile_for_topology``) plus ``inventory``. ``devices``: compile for
-    these (real) devices instead, with the choices of their platform (the GPU suite's check on a GPU)."""
+    these (real) devices instead, with the choices of their platform (the GPU suite's check on a GPU).
+    ``registers``: also ``triton_kernels``, the Pallas Triton kernels' registers, spills and shared memory
+    (:func:`triton_kernels`, from a dump of the compile; None without ptxas)."""
     import jax
     from flax import nnx
 
@@ -294,8 +450,11 @@ def compile_train_step(cfg, target: str = "h100", *, cost: bool = True, hlo_path
                  for k in BATCH_KEYS}
         t0 = time.perf_counter()
         step = make_train_step(ts, cfg)
+        ptxas = find_ptxas() if registers else None
+        dump = _dump_options(compiler_options) if ptxas else None
         with sharding.activate(mesh):
-            compiled = step.jitted.lower(ts.abstract(), batch).compile(compiler_options=compiler_options)
+            compiled = step.jitted.lower(ts.abstract(), batch).compile(
+                compiler_options=dump[1] if dump else compiler_options)
     seconds = time.perf_counter() - t0
     text = compiled.as_text()
     if hlo_path:
@@ -309,9 +468,32 @@ def compile_train_step(cfg, target: str = "h100", *, cost: bool = True, hlo_path
         "compile_seconds": round(seconds, 1), "kernel_calls": inv["pallas_triton"],
         "memory_per_device": mem, "hbm_per_device": hbm, "fits": mem["total"] <= hbm, "inventory": inv,
     }
+    if registers:
+        result["triton_kernels"], result["triton_kernels_note"] = None, NO_PTXAS
+        try:
+            if dump:
+                result["triton_kernels"], result["triton_kernels_note"] = triton_kernels(dump[0], ptxas), None
+        except FileNotFoundError as e:
+            result["triton_kernels_note"] = str(e)
+        finally:
+            if dump and dump[2]:
+                shutil.rmtree(dump[0], ignore_errors=True)
     if cost:
         result |= costs(compiled, text, rows * seq * M.train_flops_per_token(cfg.model, seq), target)
     return result
+
+
+def _dump_options(options: dict | None) -> tuple[str, dict, bool]:
+    """``(dump directory, compiler options that dump there, whether the directory is ours to remove)``: the
+    options' own ``xla_dump_to`` if they name one, else a new temporary directory (tens of MB for a step:
+    XLA also writes each piece's LLVM IR)."""
+    import tempfile
+
+    options = dict(options or {})
+    if options.get("xla_dump_to"):
+        return options["xla_dump_to"], options, False
+    path = tempfile.mkdtemp(prefix="monet-aot-gpu-")
+    return path, {**options, "xla_dump_to": path}, True
 
 
 def compile_decode(cfg, target: str = "h100", *, batch: int = 1, prompt: int = 128, new_tokens: int = 128,
