@@ -209,6 +209,7 @@ def test_search_finds_the_planted_expert(lab):
 
 
 def test_ablation_raises_the_planted_loss_as_perplexity_does(lab, checkpoint, workdir, capsys):
+    assert lab.mask([f"0:{PLANTED}"]).groups[0].tolist() == [PLANTED]  # the pages' GROUP:ID form too
     r = lab.ablate(TEXT, lab.mask([[0, PLANTED]]), new_tokens=4)
     before, after = r["before"]["losses"], r["after"]["losses"]
     assert len(before) == len(TEXT) and r["deleted"] == 1
@@ -235,7 +236,9 @@ def test_lab_errors_are_messages(lab, workdir):
              (lambda: lab.analyze("y" * 64), "the text is 65 tokens with bos; the model's window is 64"),
              (lambda: lab.ablate(TEXT, lab.mask([[0, 1]]), new_tokens=60), "pass the model's window of 64"),
              (lambda: lab.mask([]), "no experts chosen"),
-             (lambda: lab.mask([[0, 1, 2]]), "an expert is [group, id]"),
+             (lambda: lab.mask([[0, 1, 2]]), "an expert is [group, id] or 'GROUP:ID', got [0, 1, 2]"),
+             (lambda: lab.mask("0:1"), "experts is a list of [group, id] pairs or 'GROUP:ID' strings"),
+             (lambda: lab.mask(["0:x"]), "group and id must be integers"),
              (lambda: lab.mask(masks=["nope"]), "no mask named 'nope'"),
              (lambda: lab.save_mask("../escape", lab.mask([[0, 1]])), "mask name '../escape'"),
              (lambda: lab.search("zzzz"), "does not occur in the corpus")]
@@ -262,6 +265,8 @@ def test_api_errors_are_400_messages(server, lab):
         ("/api/tokens", {"text": "y" * 100}, "the model's window is 64"),
         ("/api/tokens", {"txt": "a"}, "bad request: text: Field required"),
         ("/api/ablate", {"text": TEXT, "masks": ["other-model"]}, "is for 3 routing groups of 16 experts"),
+        ("/api/ablate", {"text": TEXT, "experts": [0, 42]}, "an expert is [group, id] or 'GROUP:ID', got 0"),
+        ("/api/ablate", {"text": TEXT, "experts": ["0:99"]}, "unknown expert 0:99"),
         ("/api/masks", {"name": "../../x", "experts": [[0, 1]]}, "mask name '../../x'"),
         ("/api/masks/nope", None, "no mask named 'nope'"),
     ]:

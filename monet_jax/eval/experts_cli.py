@@ -10,6 +10,7 @@ import numpy as np
 
 from monet_jax import distributed as dist
 from monet_jax.config import DTYPES
+from monet_jax.data.sources import FORMATS
 
 TOKENIZER_HELP = ("default: the checkpoint's own (tokenizer.json / tokenizer.model beside its config.json); "
                   "byte, a tokenizer.json, a tokenizer.model or a directory holding one")
@@ -86,8 +87,10 @@ def _data_args(p, required=True, default=None):
     p.add_argument("--data", required=required, default=None,
                    help="text file, directory, glob, JSONL, Parquet or ArrayRecord"
                         + (f" (default: {default})" if default else ""))
-    p.add_argument("--format", default="auto")
-    p.add_argument("--text-key", default="text")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="how to read --data (default: %(default)s, by the files' extensions)")
+    p.add_argument("--text-key", default="text", help="the text field of JSONL / Parquet / ArrayRecord records "
+                   "(default: %(default)s)")
 
 
 def read_corpus(path, fmt="auto", text_key="text") -> list:

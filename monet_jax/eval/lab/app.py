@@ -12,6 +12,7 @@ from __future__ import annotations
 import traceback
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,8 +39,8 @@ class SearchRequest(BaseModel):
 
 
 class Selection(BaseModel):
-    experts: list[list[int]] = []
-    masks: list[str] = []
+    experts: Any = []  # [[group, id], ...] or ["GROUP:ID", ...]: checked by Lab.mask, whose messages say so
+    masks: Any = []    # mask names
 
 
 class AblateRequest(Selection):

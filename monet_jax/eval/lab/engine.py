@@ -370,12 +370,18 @@ class Lab:
         """The union of ``experts`` (``[group, id]`` pairs) and the named masks (domain masks given at start,
         or masks saved in ``out_dir/masks``)."""
         per = [set() for _ in range(self.groups)]
+        if not isinstance(experts, list | tuple):
+            raise LabError(f"experts is a list of [group, id] pairs or 'GROUP:ID' strings, got {experts!r}")
         for pair in experts:
+            if isinstance(pair, str) and pair.count(":") == 1:
+                pair = pair.split(":")
             if not isinstance(pair, list | tuple) or len(pair) != 2:
-                raise LabError(f"an expert is [group, id], got {pair!r}")
+                raise LabError(f"an expert is [group, id] or 'GROUP:ID', got {pair!r}")
             g, x = self.expert_id(*pair)
             per[g].add(x)
         out = ExpertMask(self.E, [sorted(p) for p in per], {"source": "expert lab"})
+        if isinstance(masks, str) or not isinstance(masks, list | tuple):
+            raise LabError(f"masks is a list of mask names, got {masks!r}")
         for name in masks:
             out = out.union(self.load_mask(name))
         if not out.count:
