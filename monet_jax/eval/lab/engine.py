@@ -149,7 +149,6 @@ class Lab:
         self.is_first = np.zeros(self.tokens.size, bool)
         self.is_first[self.offset[:-1]] = True  # a document's bos: counted, never shown as a context
         self._directions = [self._group_directions(g) for g in range(self.groups)]
-        self._pieces: dict[int, list[str]] = {}
 
     # -- checks ------------------------------------------------------------------------------------------------
     def expert_id(self, group, ident) -> tuple[int, int]:
