@@ -192,16 +192,16 @@ _PALLAS = re.compile(r'name = "([\w.\-]+)"(?:, num_stages = (\d+) : i32, num_war
 
 
 def find_ptxas() -> str | None:
-    """The ptxas XLA:GPU compiles with: on ``PATH``, else in the ``nvidia-cuda-nvcc`` wheel, else CUDA's
-    usual places; None where there is none."""
+    """The ptxas XLA:GPU compiles with: on ``PATH``, else in the ``nvidia-cuda-nvcc`` wheel, else in
+    ``$CUDA_HOME/bin`` (``/usr/local/cuda/bin``); None where there is none."""
     found = shutil.which("ptxas")
     if found:
         return found
     candidates = []
-    try:
-        import nvidia.cuda_nvcc as nvcc  # the pip wheel (jax's CUDA extras)
+    try:  # the pip wheels of jax's CUDA extras: nvidia/cu13/bin (CUDA 13), nvidia/cuda_nvcc/bin (CUDA 12)
+        import nvidia
 
-        candidates += [Path(p) / "bin" / "ptxas" for p in nvcc.__path__]
+        candidates += [Path(p) / sub / "bin" / "ptxas" for p in nvidia.__path__ for sub in ("cu13", "cuda_nvcc")]
     except ImportError:
         pass
     candidates += [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "ptxas"]
