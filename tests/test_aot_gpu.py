@@ -1,6 +1,7 @@
 """The H100 compile from a CPU host (``tools/aot_compile.py --topology h100``) and the kernel inventory of an
 optimized GPU program. The inventory's parsing runs everywhere; the compiles need jax's CUDA plugin
-(``pip install 'monet-jax[gpu-aot]'``), which CI does not install, so there they are skipped."""
+(``pip install jax-cuda13-plugin==V jax-cuda13-pjrt==V``, V the installed jax's version), which CI does not install,
+so there they are skipped."""
 
 import json
 import os
@@ -14,7 +15,7 @@ from monet_jax.train import aot_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_plugin = pytest.mark.skipif(not aot_gpu.plugin_available(),
-                                  reason="jax's CUDA plugin is not installed (pip install 'monet-jax[gpu-aot]'; "
+                                  reason=f"jax's CUDA plugin is not installed ({aot_gpu.plugin_install()}; "
                                          "CI does not install it)")
 
 # A hand-written optimized GPU program: a loop of 24 steps whose body has a product rewritten as multiply +
@@ -255,3 +256,10 @@ def test_tiny_mixing_kernels_compile_for_an_h100_with_registers(tmp_path):
     for r in rows.values():
         assert 0 < r["registers"] <= 255 and r["launches"] == 1 and r["threads"] == 128 and r["num_warps"] == 4
         assert r["grid"] == [b, 1, 1] and r["shared_bytes"] >= 0
+
+
+def test_missing_plugin_message_names_the_matching_wheels():
+    from importlib.metadata import version
+
+    v = version("jax")
+    assert aot_gpu.plugin_install() == f"pip install jax-cuda13-plugin=={v} jax-cuda13-pjrt=={v}"

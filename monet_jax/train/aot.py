@@ -318,7 +318,7 @@ def _main_gpu(args) -> int:
     from monet_jax.train.config import TrainConfig
 
     if not aot_gpu.plugin_available():
-        print("aot_compile: error: jax's CUDA plugin is not installed (pip install 'monet-jax[gpu-aot]')",
+        print(f"aot_compile: error: jax's CUDA plugin is not installed ({aot_gpu.plugin_install()})",
               file=sys.stderr)
         return 2
     try:

@@ -33,6 +33,14 @@ TARGETS = Path(__file__).resolve().parent / "targets"
 GPU_TARGETS = {"h100": {"file": "h100.txtpb", "hbm_bytes": 80 * 2**30, "hbm_bytes_per_s": 3.35e12}}
 
 
+def plugin_install() -> str:
+    """The pip command that adds the CUDA plugin matching the installed jax (no CUDA libraries: compiling only)."""
+    from importlib.metadata import version
+
+    v = version("jax")
+    return f"pip install jax-cuda13-plugin=={v} jax-cuda13-pjrt=={v}"
+
+
 def plugin_available() -> bool:
     """Whether jax's CUDA plugin (any CUDA major version) is installed: it compiles for the GPU target."""
     return any(importlib.util.find_spec(f"jax_cuda{v}_plugin") is not None for v in (12, 13))
@@ -50,7 +58,7 @@ def gpu_devices(name: str = "h100"):
     if name not in GPU_TARGETS:
         raise ValueError(f"unknown GPU target {name!r} (known: {', '.join(GPU_TARGETS)})")
     if not plugin_available():
-        raise ValueError("the CUDA plugin is not installed (pip install 'monet-jax[gpu-aot]')")
+        raise ValueError(f"the CUDA plugin is not installed ({plugin_install()})")
     text = (TARGETS / GPU_TARGETS[name]["file"]).read_text()
     return topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=text).devices
 
