@@ -12,6 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from monet_jax.experts.viewer import find_chromium
+
 
 class Browser:
     """One page of a headless Chromium: navigate, evaluate JavaScript, type, press keys, wait for conditions.
@@ -106,3 +110,6 @@ class Browser:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
             self._profile.cleanup()
+
+
+needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (apt-get install chromium)")

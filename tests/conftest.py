@@ -92,3 +92,19 @@ def reference_checkpoint(tmp_path):
         return directory, ref
 
     return make
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium page per test module (the atlas's and the lab's page tests); skipped without one."""
+    from monet_jax.experts.viewer import find_chromium
+
+    pytest.importorskip("websocket", reason="websocket-client not installed (pip install -e '.[test]')")
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    from tests.browser import Browser
+
+    b = Browser(chromium)
+    yield b
+    b.close()

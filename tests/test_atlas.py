@@ -19,7 +19,7 @@ from monet_jax.experts import atlas_files
 from monet_jax.experts.atlas import AtlasOptions, collect, token_pieces
 from monet_jax.experts.mask import ExpertMask
 from monet_jax.experts.stats import ExpertStats, TopContexts, expert_scores, routed_batches
-from monet_jax.experts.viewer import find_chromium
+from tests.browser import needs_chromium
 
 E, H = 8, 2
 PLANT_I, PLANT_J = 5, 2
@@ -254,7 +254,6 @@ def test_token_pieces_join_into_the_text():
 
 # ------------------------------------------------------------------------------------------ in a browser
 
-needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (apt-get install chromium)")
 
 
 @pytest.fixture(scope="module")
@@ -265,19 +264,6 @@ def site(model, tmp_path_factory):
     mask = ExpertMask(E, [[PLANTED], []], {"domain": "at-signs"})
     return atlas_files.write_site(atlas, tok, model.config, tmp_path_factory.mktemp("atlas") / "site",
                                   masks={"at-signs": mask}, source={"checkpoint": "ckpt", "corpus": "docs.jsonl"})
-
-
-@pytest.fixture(scope="module")
-def browser():
-    pytest.importorskip("websocket", reason="websocket-client not installed (pip install -e '.[test]')")
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("Chromium not installed (apt-get install chromium)")
-    from tests.browser import Browser
-
-    b = Browser(chromium)
-    yield b
-    b.close()
 
 
 @needs_chromium

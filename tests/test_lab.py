@@ -21,7 +21,7 @@ from monet_jax.experts import atlas_files
 from monet_jax.experts.atlas import AtlasOptions, collect
 from monet_jax.experts.mask import ExpertMask
 from monet_jax.experts.microscope import token_routing
-from monet_jax.experts.viewer import find_chromium
+from tests.browser import needs_chromium
 from tests.test_atlas import DOCS, PLANT_I, PLANT_J, PLANTED, TOKEN, E, H, planted_model
 
 pytest.importorskip("fastapi", reason="the lab needs fastapi and uvicorn (pip install -e '.[lab]')")
@@ -36,7 +36,6 @@ TARGET = " "                     # what follows "@" in TEXT: the planted expert 
 TEXT = "mail me @ noon"
 AFTER_AT = TEXT.index(TOKEN) + 2  # the target's position in bos + bytes
 OPTIONS = LabOptions(seq_len=32, batch_size=4, contexts=3, quantiles=2, per_quantile=1)
-needs_chromium = pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (apt-get install chromium)")
 
 
 def lab_model():
@@ -351,19 +350,6 @@ def test_serve_rejects_bad_arguments(checkpoint, tmp_path, capsys):
 
 
 # -- pages in a headless Chromium ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    pytest.importorskip("websocket", reason="websocket-client not installed (pip install -e '.[test]')")
-    chromium = find_chromium()
-    if chromium is None:
-        pytest.skip("Chromium not installed (apt-get install chromium)")
-    from tests.browser import Browser
-
-    b = Browser(chromium)
-    yield b
-    b.close()
-
 
 @needs_chromium
 def test_text_page_shows_the_planted_expert_with_its_exact_score(server, browser, model, checkpoint, capsys):

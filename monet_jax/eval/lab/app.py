@@ -23,8 +23,10 @@ from monet_jax.eval.lab.engine import LabError
 from monet_jax.eval.lab.service import LabService
 
 SITE = resources.files("monet_jax.eval.lab").joinpath("site")
-PAGES = {"text.html", "expert.html", "ablate.html"}
+PAGES = {"text.html": ("Your text", "textPage"), "expert.html": ("Expert", "expertPage"),
+         "ablate.html": ("Ablation", "ablatePage")}  # each: site/page.html with its title and lab.js function
 ASSETS = {"lab.js": "text/javascript", "lab.css": "text/css", "hook.js": "text/javascript"}
+ATLAS_CSS = resources.files("monet_jax.experts").joinpath("atlas_site", "atlas.css")  # the lab's base style
 HOOK = '<script src="/lab/hook.js"></script>\n</body>'
 
 
@@ -96,7 +98,11 @@ def create_app(service: LabService, atlas_dir: str | Path | None = None) -> Fast
     @app.get("/lab/{name}")
     def lab_file(name: str):
         if name in PAGES:
-            return HTMLResponse(SITE.joinpath(name).read_text(encoding="utf-8"))
+            title, page = PAGES[name]
+            skeleton = SITE.joinpath("page.html").read_text(encoding="utf-8")
+            return HTMLResponse(skeleton.replace("{title}", title).replace("{page}", page))
+        if name == "atlas.css":
+            return Response(ATLAS_CSS.read_bytes(), media_type="text/css")
         if name in ASSETS:
             return Response(SITE.joinpath(name).read_bytes(), media_type=ASSETS[name])
         return JSONResponse({"error": f"no lab page {name!r}"}, status_code=404)
