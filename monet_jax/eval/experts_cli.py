@@ -80,7 +80,7 @@ def add_parsers(sub, common, corpus):
                        help="a mask of select-domain / select-correlated: its experts are labelled NAME "
                             "(nothing is deleted); repeat for several")
     atlas.add_argument("--png", default=None, help="also a screenshot of the index (needs Chromium)")
-    _serve_parser(sub, corpus)
+    _serve_parser(sub)
 
 
 def _data_args(p, required=True, default=None):
@@ -300,7 +300,7 @@ def _atlas(args, model, tokenizer) -> int:
     return 0
 
 
-def _serve_parser(sub, corpus) -> None:
+def _serve_parser(sub) -> None:
     # Not the shared corpus parent: its actions are shared objects, and serve reads less of the corpus by default.
     serve = sub.add_parser("serve", help="the expert lab: a local web app where the model runs "
                            "(your text's experts, live expert pages, ablation with before/after)")
@@ -322,6 +322,7 @@ def _serve_parser(sub, corpus) -> None:
     serve.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     serve.add_argument("--max-tokens", type=int, default=50_000,
                        help="corpus tokens read at start, for expert pages and search (default: %(default)s)")
+    serve.set_defaults(mask=None)  # nothing deleted: --mask here offers masks for ablation
 
 
 def serve(args) -> int:
@@ -352,15 +353,11 @@ def serve(args) -> int:
 
 
 def _load_lab(args, out: Path, atlas: Path | None, masks: dict, note):
-    from monet_jax import MonetForCausalLM
-    from monet_jax.convert.hf import read_config
-    from monet_jax.data.tokenizer_files import tokenizer_for_checkpoint
     from monet_jax.eval.lab.engine import Lab, LabOptions
+    from monet_jax.eval.main import model_and_tokenizer
 
     note(f"reading {args.checkpoint}")
-    tokenizer = tokenizer_for_checkpoint(args.checkpoint, args.tokenizer,
-                                         vocab_size=read_config(args.checkpoint).vocab_size)
-    model = MonetForCausalLM.from_pretrained(args.checkpoint, dtype=args.dtype)
+    model, tokenizer = model_and_tokenizer(args)
     docs = read_corpus(args.data, args.format, args.text_key)
     out.mkdir(parents=True, exist_ok=True)
     source = {"checkpoint": str(args.checkpoint), "corpus": args.data or "the embedded corpus",

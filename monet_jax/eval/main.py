@@ -109,7 +109,7 @@ def _run(args, handler) -> int:
         if dist.launch(args) and args.command not in ("perplexity", "tasks"):
             raise ValueError("--distributed splits the work of perplexity and tasks; run the other commands in "
                              "one process")
-        model, tokenizer = _model_and_tokenizer(args)
+        model, tokenizer = model_and_tokenizer(args)
         if handler is not None:
             return handler(args, model, tokenizer)
         return experts_cli.run(args, model, tokenizer)
@@ -163,7 +163,8 @@ def held_out_documents() -> list:
     return [src[int(i)] for i in held]
 
 
-def _model_and_tokenizer(args):
+def model_and_tokenizer(args):
+    """The checkpoint's model (with ``args.mask`` applied) and its tokenizer, as every eval command reads them."""
     from monet_jax import MonetForCausalLM
     from monet_jax.convert.hf import read_config
     from monet_jax.data.tokenizer_files import tokenizer_for_checkpoint
