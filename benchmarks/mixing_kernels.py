@@ -3,8 +3,8 @@
     python benchmarks/mixing_kernels.py --config configs/monet-vd-1.4b.yaml --batch 8 --seq 2048   # GPU / TPU
     python benchmarks/mixing_kernels.py --config configs/tiny-vd.yaml --batch 2 --seq 40 --interpret --form gpu
                                                                      # CPU: the GPU form, interpreted (a check)
-    python benchmarks/mixing_kernels.py --gpu-blocks 64,16,4 32,16,4 64,8,8   # GPU: the mixing op per
-                                                                     # (tokens, expert chunk, warps) of its programs
+    python benchmarks/mixing_kernels.py --gpu-blocks 128,64,64,4 256,64,32,8   # GPU: the mixing op per
+                                                                     # (tokens, experts, sums, warps) of its programs
 
 For each of the fused router and the carrying mixing op (``ops.{vd,hd}_experts_carry``: mixing, ``v`` products,
 expert biases) prints the largest error of the outputs and of every gradient against the XLA path of
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--form", choices=["auto", "tpu", "gpu"], default="auto",
                    help="the kernels' form (auto: the backend's; with --interpret, either on a CPU)")
     p.add_argument("--gpu-blocks", nargs="*", default=[],
-                   help="GPU form: rows of the mixing op for these TOKENS,CHUNK,NUM_WARPS of kernels.mixing_gpu")
+                   help="GPU form: rows of the mixing op for these TOKENS,EXPERTS,SUMS,NUM_WARPS of kernels.mixing_gpu")
     args = p.parse_args(argv)
     cfg = MonetConfig.from_yaml(args.config)
     dtype = jnp.dtype(args.dtype)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         name, op = ("vd_experts_carry", ops.vd_experts_carry) if vd else ("hd_experts_carry", ops.hd_experts_carry)
         for blocks in args.gpu_blocks or [None]:
             if blocks:  # new block sizes: jit's cache keys on the function, so trace a fresh one
-                mixing_gpu.TOKENS, mixing_gpu.CHUNK, mixing_gpu.NUM_WARPS = map(int, blocks.split(","))
+                mixing_gpu.use_blocks(blocks)
             label = f"{name} ({blocks})" if blocks else name
             rows.append(compare(label, lambda *a, op=op: op(*a), _xla(vd), layer_args, args.steps))
     print(f"{cfg.moe_decompose} E={cfg.moe_experts} m={cfg.moe_dim} H={h} d={cfg.hidden_size} | batch {args.batch} x "

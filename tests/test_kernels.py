@@ -93,9 +93,11 @@ def lanes_router(b: int, sigma: float, dtype=jnp.float32):
 
 @pytest.fixture
 def gpu_form(monkeypatch):
-    """The kernels in their GPU (Triton) form, interpreted, with 8-token blocks and 8-expert chunks."""
+    """The kernels in their GPU (Triton) form, interpreted, with 8-token blocks, at most 16 experts per program
+    (48 experts: three slices) and 8 sums per token (so the sums and outputs split into several roles)."""
     monkeypatch.setattr(mixing_gpu, "TOKENS", 8)
-    monkeypatch.setattr(mixing_gpu, "CHUNK", 8)
+    monkeypatch.setattr(mixing_gpu, "EXPERTS", 16)
+    monkeypatch.setattr(mixing_gpu, "SUMS", 8)
     with dispatch.lowering_for("gpu"):
         yield
 
@@ -315,9 +317,12 @@ def test_mixing_matches_reference(request, small_blocks, vd, shape, impl):
     if impl != "xla":
         args, ref = (*args, *v_weights(shape, vd)), with_v(ref, vd)
         fn = lanes_fn(PALLAS_MIX[vd], shape[0], shape[1], N_W[vd])
-        # one call per pass (the inputs cross memory once); the forward again in the backward, m-major
+        # per pass one call on a TPU (the inputs cross memory once), a summing and an emitting one on a GPU; the
+        # forward again in the backward, m-major
         names = re.findall(r"name=(monet_\w+)", str(jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1](ref(*a)))(*args)))
-        assert names == [f"monet_{'vd' if vd else 'hd'}_mix"] * 2 + [f"monet_{'vd' if vd else 'hd'}_mix_bwd"]
+        calls = (lambda n: [f"{n}_sums", n]) if impl == "pallas-gpu" else (lambda n: [n])
+        kind = "vd" if vd else "hd"
+        assert names == calls(f"monet_{kind}_mix") * 2 + calls(f"monet_{kind}_mix_bwd")
     else:
         fn = lanes_fn(lanes.vd_mix_lanes if vd else lanes.hd_mix_lanes, shape[0], shape[1])
     check_vjp(fn, ref, args)
@@ -416,6 +421,35 @@ def test_mixing_tied_heads(small_blocks, vd):
     fn = lanes_fn(PALLAS_MIX[vd], 1, 11, N_W[vd])
     args = (*mixing_args(shape, vd, tied=True), *v_weights(shape, vd))
     check_vjp(fn, with_v(vd_mix_reference if vd else hd_mix_reference, vd), args)
+
+
+def test_gpu_mixing_splits_sums_into_roles_and_counts_its_bytes(gpu_form):
+    """The GPU form keeps at most ``SUMS`` sums a token per program: VD at ``H = 3``, ``m = 3`` and 8 sums takes
+    unit chunks of 2 (roles ``{0, 1}`` and ``{2}`` per side) and one head per ``dg`` role; what each call reads
+    and writes a token (``mixing_gpu.TRAFFIC``) is counted here from the math: every role's rows of ``E``
+    experts, bfloat16."""
+    b, h, e, t, m = 1, 3, 48, 16, 3
+    bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    p, g, d = bf(b, m, e, t), bf(b, h, e, t), bf(b, 2, m, e, t)
+    jax.make_jaxpr(mixing_gpu.vd_forward)(p, p, g, g)
+    jax.make_jaxpr(mixing_gpu.vd_backward)(p, p, g, g, d, d)
+    names = {"monet_vd_mix_sums", "monet_vd_mix", "monet_vd_mix_bwd_sums", "monet_vd_mix_bwd"}
+    assert names <= set(mixing_gpu.TRAFFIC)
+    got = {n: mixing_gpu.TRAFFIC[n] for n in names}
+    row, slices = 2 * e, 3  # a row of E bfloat16 experts; 48 experts in slices of 16
+    # forward sums: per side two roles, each reading its units and all H rows of g
+    assert got["monet_vd_mix_sums"] == {"reads": (2 + h + 1 + h) * 2 * row, "unique": (2 * m + 2 * h) * row,
+                                        "writes": 2 * h * m * 4 * slices, "sums": 0}
+    # forward emit: per side its units and g again, reading the other side's sums for its units; top and bottom
+    # (2m rows each) and sum_h g1, sum_h g2
+    assert got["monet_vd_mix"] == {"reads": (2 + h + 1 + h) * 2 * row, "unique": (2 * m + 2 * h) * row,
+                                   "writes": (4 * m + 2) * row, "sums": 2 * h * m * 4 * slices}
+    # backward sums: y1, y2, dy1 (g2, d21), dy2 (g1, d12), each in two unit chunks
+    assert got["monet_vd_mix_bwd_sums"]["reads"] == 4 * (2 + h + 1 + h) * row
+    assert got["monet_vd_mix_bwd_sums"]["unique"] == (2 * m + 2 * h + 2 * m) * row
+    # backward emit: dp per unit chunk (d, g, p), dg per head (the side's d11 and d12 and p: 3m rows)
+    assert got["monet_vd_mix_bwd"]["reads"] == 2 * ((2 + h + 2 + 1 + h + 1) + h * 3 * m) * row
+    assert got["monet_vd_mix_bwd"]["writes"] == (2 * m + 2 * h) * row
 
 
 @pytest.mark.parametrize("vd", [False, True])
@@ -780,9 +814,10 @@ def lowered_kernels(fn, *args) -> dict:
 @pytest.mark.parametrize("size", ["850m", "1.4b", "4.1b"])
 def test_pallas_kernels_lower_for_gpu_at_the_published_sizes(size):
     """One layer's router and mixing (both decompositions, forward and backward, in bfloat16) at each published
-    size lower to Triton: every value a power-of-two tile whatever ``m`` and ``H`` are (VD's ``m/2`` and ``H``:
-    6 at 850M, 12 at 4.1B), no scratch memory, no accumulation across programs. Triton's compile to machine
-    code and the kernels' speed need a GPU (BENCHMARKS.md)."""
+    size lower to Triton, each mixing pass as a summing and an emitting call: every value a power-of-two
+    ``[tokens]`` row whatever ``m`` and ``H`` are (VD's ``m/2`` and ``H``: 6 at 850M, 12 at 4.1B), no scratch
+    memory, no accumulation across programs (the expert slices' partial sums are added outside). The compile
+    to machine code is in tests/test_aot_gpu.py; the kernels' speed needs a GPU (BENCHMARKS.md)."""
     cfg = MonetConfig.from_yaml(ROOT / "configs" / f"monet-vd-{size}.yaml")
     b, t, e, h, m, d = 2, 256, cfg.moe_experts, cfg.moe_heads, cfg.moe_dim, 64
     bf = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
@@ -794,7 +829,8 @@ def test_pallas_kernels_lower_for_gpu_at_the_published_sizes(size):
             out, g1, g2 = op(*a)
             return jnp.sum(jnp.square(out.astype(jnp.float32))) + jnp.sum(jnp.sin(g1.astype(jnp.float32)))
         got = lowered_kernels(jax.grad(loss, argnums=tuple(range(len(args)))), *args)
-        assert got == {f"monet_{name}_mix": 2, f"monet_{name}_mix_bwd": 1}, got
+        assert got == {f"monet_{name}_mix_sums": 2, f"monet_{name}_mix": 2, f"monet_{name}_mix_bwd_sums": 1,
+                       f"monet_{name}_mix_bwd": 1}, got
 
     def route(z, mean, var):
         g, col, amb = fused_router(z, mean, var, 2.15, 1e-5, jnp.bfloat16)
@@ -827,5 +863,6 @@ def test_training_step_lowers_for_gpu_with_the_kernels(dec):
     with sharding.activate(mesh):
         got = lowered_kernels(step.jitted, ts.abstract(), batch)
     kind = "vd" if dec == "vertical" else "hd"
-    assert got == {f"monet_{kind}_mix": 8, f"monet_{kind}_mix_bwd": 4, "monet_router_fwd": 4,
+    assert got == {f"monet_{kind}_mix_sums": 8, f"monet_{kind}_mix": 8, f"monet_{kind}_mix_bwd_sums": 4,
+                   f"monet_{kind}_mix_bwd": 4, "monet_router_fwd": 4,
                    "monet_router_bwd": 4}, got
