@@ -126,8 +126,9 @@ def choose(requested: str, tokens: int, heads: int, experts: int, k: int) -> str
     ``auto`` takes the sparse path when it reads fewer expert weights than the dense one
     (``tokens * heads * k < experts`` rows of each weight) and the target is not a GPU, else Pallas on TPU
     (its Mosaic lowering is compile-checked at every published size), else XLA. On a GPU (an H100) the
-    sparse path's gather and tier conditionals decoded 1.4B VD at 741 tokens/s against the dense path's
-    985 (batch 2), so ``auto`` stays dense there."""
+    sparse path's first form (XLA gathers at three widths) decoded 1.4B VD at 741 tokens/s against the dense
+    path's 985 (batch 2); its Pallas form (:mod:`~monet_jax.kernels.sparse_gpu`, fewer kernels a step than
+    the dense path) is not timed yet, so ``auto`` stays dense there until it is."""
     if requested in ("xla", "sparse"):
         return requested
     if requested not in ("pallas", "auto"):

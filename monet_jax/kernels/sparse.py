@@ -17,9 +17,12 @@ else ``u`` runs dense and its output is narrowed.
 How the rows are read depends on the backend (``loop``). On a CPU, XLA's gather copies element by element
 (64 experts' rows of a ``[8192, 1024]`` float32 kernel: about 3 GB/s), so each expert's rows are multiplied
 where they lie, one ``dynamic_slice`` and product per expert in a loop as long as the union (a batch-1
-decoding step 8-11% faster: BENCHMARKS.md). On accelerators, where a gather is one parallel kernel and a
+decoding step 8-11% faster: BENCHMARKS.md). On a TPU, where a gather is one parallel kernel and a
 loop of small products is not, the rows are gathered at the smallest of a few static widths that holds the
-union (``lax.cond``).
+union (``lax.cond``). On a GPU those gathers, tiers and their index work made half again as many kernels as
+the dense layer's, so there the narrowed layer is Pallas kernels (:mod:`~monet_jax.kernels.sparse_gpu`: the
+union, ``u``'s projection, the mixing, ``v``'s projection) at the one width, behind one ``lax.cond`` for the dense
+fallback: where the unions fit, three kernels and one XLA fusion a layer, and the union once per routing group.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from monet_jax.kernels import dispatch
+from monet_jax.kernels import dispatch, sparse_gpu
 
 TIERS = (0.5, 0.75, 1.0)  # gathered widths tried, as fractions of the largest (tokens * H * sparse_k)
 
@@ -112,8 +115,11 @@ def _down(a_btwm: list, kernels: list, s_btw, bias_ed, idx, n, cd, loop: bool):
     return out
 
 
-def vd_narrow(x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop: bool = False):
-    """The VD layer over the ``width`` experts of each side's union (exact when both unions fit)."""
+def vd_narrow(x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop: bool = False, slots=None):
+    """The VD layer over the ``width`` experts of each side's union (exact when both unions fit).
+    ``slots``: both sides' ``(idx, n)`` (:func:`sparse_gpu.union`), given on a GPU: the layer runs as its kernels."""
+    if slots is not None:
+        return _vd_kernels(x_btd, w, g1_bthi, g2_bthj, slots, cd)
     idx1, n1, g1 = _union(g1_bthi.astype(cd), width)
     idx2, n2, g2 = _union(g2_bthj.astype(cd), width)
     x1, x2 = _up(x_btd, w, "u1", idx1, n1, cd, loop), _up(x_btd, w, "u2", idx2, n2, cd, loop)
@@ -125,8 +131,11 @@ def vd_narrow(x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop: bool = Fal
     return jnp.concatenate([top, bottom], axis=-1)
 
 
-def hd_narrow(x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop: bool = False):
-    """The HD layer over the ``width`` experts of each side's union (exact when both unions fit)."""
+def hd_narrow(x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop: bool = False, slots=None):
+    """The HD layer over the ``width`` experts of each side's union (exact when both unions fit);
+    ``slots`` as in :func:`vd_narrow`."""
+    if slots is not None:
+        return _hd_kernels(x_btd, w, g1_bthi, g2_bthj, slots, cd)
     idx1, n1, g1 = _union(g1_bthi.astype(cd), width)
     idx2, n2, g2 = _union(g2_bthj.astype(cd), width)
     x1 = _up(x_btd, w, "u", idx1, n1, cd, loop)
@@ -137,8 +146,11 @@ def hd_narrow(x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop: bool = Fal
 def layer(narrow, dense, x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd, loop: bool | None = None):
     """``narrow`` at the smallest static width that holds both unions, else ``dense(x, w, g1, g2)``.
     ``loop`` (default :func:`loops`): read each expert's rows in a loop over the union, at the one width
-    ``width`` (the loop's length is the union's), instead of gathering them at a few tiers of it."""
+    ``width`` (the loop's length is the union's), instead of gathering them at a few tiers of it. On a GPU
+    target (not looping) the projections are Pallas kernels at the one width: :func:`_gpu_layer`."""
     loop = loops() if loop is None else loop
+    if not loop and dispatch.target_platform() == "gpu":
+        return _gpu_layer(narrow, dense, x_btd, w, g1_bthi, g2_bthj, width, cd)
     used = jnp.maximum(*(jnp.any(g != 0, axis=(0, 1, 2)).sum() for g in (g1_bthi, g2_bthj)))
     run = dense
     for tier in reversed(widths(width, _experts(w), loop)):  # nest: the smallest tier is tried first
@@ -169,3 +181,74 @@ def _looped(narrow, width: int, cd):
 
     run.defvjp(forward, backward)
     return run
+
+
+# -- GPU: the layer as Pallas kernels -------------------------------------------------------------------------
+def _gpu_layer(narrow, dense, x_btd, w: dict, g1_bthi, g2_bthj, width: int, cd):
+    """``narrow`` through :mod:`~monet_jax.kernels.sparse_gpu`'s kernels at the one static ``width`` where both
+    unions fit, else ``dense``: one conditional (no tiers: a kernel's launch costs the same at any width, and the
+    padding slots read nothing). The unions and the predicate come before it, from ``g`` alone, so the layers of a
+    routing group share them."""
+    e = _experts(w)
+    if width >= e:
+        return dense(x_btd, w, g1_bthi, g2_bthj)
+    idx, n, fits = sparse_gpu.union([jax.lax.stop_gradient(_flat(g)) for g in (g1_bthi, g2_bthj)], width)
+    return jax.lax.cond(fits, _kernel_form(narrow, width, cd), lambda x, w, g1, g2, _: dense(x, w, g1, g2),
+                        x_btd, w, g1_bthi, g2_bthj, (idx, n))
+
+
+def _kernel_form(narrow, width: int, cd):
+    """``narrow`` through the kernels, with the gathering version's gradient (as :func:`_looped`: the kernels
+    have no VJP of their own; training with ``moe_impl=sparse`` still differentiates)."""
+    @jax.custom_vjp
+    def run(x_btd, w, g1, g2, slots):
+        return narrow(x_btd, w, g1, g2, width, cd, slots=slots)
+
+    def forward(*args):
+        return run(*args), args[:4]
+
+    def backward(args, ct):
+        return (*jax.vjp(lambda *a: narrow(*a, width, cd, False), *args)[1](ct), None)
+
+    run.defvjp(forward, backward)
+    return run
+
+
+def _up_kernel(x_btd, w: dict, names: tuple[str, ...], idx, n, cd):
+    """:func:`sparse_gpu.up` of each named ``u`` (side ``p`` for the ``p``-th name), padded. Reads
+    ``{name}_rows`` where the weights have them, else the strided columns of ``u`` itself (training)."""
+    rows = all(f"{n}_rows" in w for n in names)
+    kernels = [w[f"{n}_rows"] if rows else w[n] for n in names]
+    return sparse_gpu.up(x_btd.reshape(-1, x_btd.shape[-1]), idx, n, kernels, [w[f"{n}_bias"] for n in names],
+                         w[f"{names[0]}_bias"].shape[0] // _experts(w), compute_dtype=cd,
+                         columns=(not rows,) * len(names), padded=True)
+
+
+def _flat(g_bthe):
+    b, t, h, e = g_bthe.shape
+    return g_bthe.reshape(b * t, h, e)
+
+
+def _vd_kernels(x_btd, w: dict, g1_bthi, g2_bthj, slots, cd):
+    """:func:`vd_narrow` as three calls: ``up`` for ``u1`` and ``u2``, ``mix`` for both cross flows and slot
+    weights, ``down`` for both output halves (``[V11 | V12]`` over side 1's slots, ``[V21 | V22]`` over side 2's)."""
+    (idx, n), (b, t, d) = slots, x_btd.shape
+    m = w["u1_bias"].shape[0] // _experts(w)
+    x = _up_kernel(x_btd, w, ("u1", "u2"), idx, n, cd)
+    cross, s = sparse_gpu.mix(idx, n, [_flat(g1_bthi), _flat(g2_bthj)], x, ((0, 1), (1, 0)), m, compute_dtype=cd,
+                              padded=True)
+    terms = (((0, 0, True), (1, 0, False)), ((1, 1, False), (0, 1, True)))  # (array: x / cross, row, scaled)
+    out = sparse_gpu.down(idx, n, s, [x, cross], [[w["v11"], w["v12"]], [w["v21"], w["v22"]]], [w["b1"], w["b2"]],
+                          terms, compute_dtype=cd, tokens=b * t)
+    return jnp.concatenate([out[0], out[1]], axis=-1).reshape(b, t, d)
+
+
+def _hd_kernels(x_btd, w: dict, g1_bthi, g2_bthj, slots, cd):
+    """:func:`hd_narrow` as three calls: ``up`` over side 1's slots, ``mix`` (``z`` at side 2's), ``down``."""
+    (idx, n), (b, t, d) = slots, x_btd.shape
+    m = w["u_bias"].shape[0] // _experts(w)
+    x = _up_kernel(x_btd, w, ("u",), idx, n, cd)
+    z, s = sparse_gpu.mix(idx, n, [_flat(g1_bthi), _flat(g2_bthj)], x, ((1, 0),), m, compute_dtype=cd, padded=True)
+    out = sparse_gpu.down(idx, n, s, [z], [[w["v"]]], [w["b"]], (((0, 0, False),),), compute_dtype=cd, sides=(1,),
+                          tokens=b * t)
+    return out[0].reshape(b, t, d)
