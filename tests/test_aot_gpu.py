@@ -86,6 +86,53 @@ def test_inventory_counts_kernels_loops_rewritten_products_and_scores():
     assert aot_gpu.custom_call_flops(HLO) == {"cublas": 2 * 8 * 32 * 64, "cudnn": 0.0}
 
 
+# A loop body with a conditional (as the sparse decoding path's: the kernels where the unions fit, else the
+# dense layer): its true branch has one fusion, its false branch two; then the same as an index conditional.
+COND = """HloModule c
+
+%narrow (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %a = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused_reduce
+}
+
+%dense (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %a = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused_reduce
+  ROOT %b = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_reduce
+}
+
+%body (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %k = pred[] constant(true)
+  %c = f32[8]{0} conditional(%k, %p, %p), true_computation=%narrow, false_computation=%dense
+  ROOT %e = f32[8]{0} fusion(%c), kind=kLoop, calls=%fused_reduce
+}
+
+%cond (p: f32[8]) -> pred[] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %t = pred[] constant(true)
+}
+
+ENTRY %main (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %l = f32[8]{0} while(%p), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+}
+"""
+
+
+@pytest.mark.parametrize("form", ["predicate", "index"])
+def test_inventory_follows_a_conditionals_true_branch_and_counts_the_others(form):
+    """A step runs one branch of a conditional: the kernels per step follow the true branch (``jax.lax.cond``'s
+    second, the last of an index conditional's), and the other branches' kernels are counted apart."""
+    text = COND if form == "predicate" else COND.replace(
+        "conditional(%k, %p, %p), true_computation=%narrow, false_computation=%dense",
+        "conditional(%k, %p, %p), branch_computations={%dense, %narrow}")
+    [loop] = aot_gpu.inventory(text)["loops"]
+    assert (loop["body"], loop["trip_count"], loop["kernels"], loop["other_branch_kernels"]) == ("body", 4, 2, 2)
+    assert "(conditionals on their true branch; 2 more kernels in the other branches)" in \
+        "\n".join(aot_gpu.report_inventory(aot_gpu.inventory(text)))
+
+
 def aot(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "aot.json"

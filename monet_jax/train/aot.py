@@ -293,7 +293,9 @@ def _report_gpu(r: dict) -> str:
                   f"{r['cache_slots']} cache slots; one-row products "
                   + ("left to XLA's strength reduction" if r["strength_reduction"] else "kept as matrix products"),
                   f"kernels per step: {r['kernels_per_step']} ({s['gemm_triton']} Triton products, "
-                  f"{s['cublas']} cuBLAS, {s['pallas_triton']} Pallas, {s['fusion']} XLA fusions, {s['other']} other); "
+                  f"{s['cublas']} cuBLAS, {s['pallas_triton']} Pallas, {s['fusion']} XLA fusions, {s['other']} other"
+                  + (f"; conditionals on their true branch, {s['other_branch_kernels']:,} more kernels in the others"
+                     if s.get("other_branch_kernels") else "") + "); "
                   f"products as multiply + reduce: {s['multiply_reduce_products']}",
                   f"one step: {r['step_flops']:.4g} FLOPs, {r['step_bytes']:.4g} bytes (XLA's count); weights "
                   f"{r['weight_bytes']:.4g} bytes -> roofline {r['roofline_steps_per_second']:.0f} steps/s"]

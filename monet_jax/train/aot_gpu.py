@@ -151,7 +151,9 @@ def _loops(comps: dict, names: list[str]) -> list[tuple[str, int | None]]:
 def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | None = None) -> dict:
     """The kernels of an optimized GPU program: counts per class for the whole program run once (loop
     bodies once each) and, per ``while`` loop, its body's kernels with the loop's trip count; custom-call
-    targets; products done as multiply + reduce; buffers shaped like ``[b, heads, t, t]`` scores."""
+    targets; products done as multiply + reduce; buffers shaped like ``[b, heads, t, t]`` scores. A run takes one
+    branch of each conditional: counts follow the true branches (the sparse decoding path's: the unions fit),
+    and ``other_branch_kernels`` says how many kernels the other branches hold."""
     comps, entry = hlo_bytes.parse(hlo_text)
     reduced = _strength_reduced(comps)
 
@@ -175,10 +177,13 @@ def inventory(hlo_text: str, seq_len: int | None = None, rows_x_heads: int | Non
                 "fusion_kinds": dict(fusions), "custom_call_targets": dict(targets),
                 "multiply_reduce_products": mul_reduce}
 
-    seen = hlo_bytes.reachable(comps, [entry] if entry else [])
-    result = count(seen)
-    result["loops"] = [{"body": body, "trip_count": trips, **count(hlo_bytes.reachable(comps, [body]))}
-                       for body, trips in _loops(comps, seen)]
+    def counted(roots):  # along the conditionals' true branches, and how many kernels the other branches hold
+        taken, every = hlo_bytes.reachable(comps, roots, "true"), hlo_bytes.reachable(comps, roots)
+        return {**count(taken), "other_branch_kernels": count([n for n in every if n not in taken])["kernels"]}
+
+    seen = hlo_bytes.reachable(comps, [entry] if entry else [], "true")
+    result = counted([entry] if entry else [])
+    result["loops"] = [{"body": body, "trip_count": trips, **counted([body])} for body, trips in _loops(comps, seen)]
     result["score_buffers"] = score_buffers(comps, entry, seq_len, rows_x_heads) if seq_len and rows_x_heads else []
     return result
 
@@ -577,12 +582,18 @@ def compile_decode(cfg, target: str = "h100", *, batch: int = 1, prompt: int = 1
 def report_inventory(inv: dict) -> list[str]:
     lines = [f"kernels (loop bodies once): {inv['kernels']} = {inv['gemm_triton']} Triton products + "
              f"{inv['cublas']} cuBLAS + {inv['cudnn']} cuDNN + {inv['pallas_triton']} Pallas (Triton) + "
-             f"{inv['triton']} other Triton fusions + {inv['fusion']} XLA fusions + {inv['other']} other",
+             f"{inv['triton']} other Triton fusions + {inv['fusion']} XLA fusions + {inv['other']} other"
+             + _branch_note(inv),
              f"  fusion kinds: {json.dumps(inv['fusion_kinds'], sort_keys=True)}",
              f"  products done as multiply + reduce: {inv['multiply_reduce_products']}; "
              f"[b, heads, t, t] buffers: {', '.join(inv['score_buffers']) or 'none'}"]
     for lp in inv["loops"]:
         products = lp["gemm_triton"] + lp["cublas"]
         lines.append(f"  loop {lp['body']} (trip count {lp['trip_count']}): {lp['kernels']} kernels a pass, "
-                     f"{products} products, {lp['multiply_reduce_products']} as multiply + reduce")
+                     f"{products} products, {lp['multiply_reduce_products']} as multiply + reduce" + _branch_note(lp))
     return lines
+
+
+def _branch_note(counts: dict) -> str:
+    n = counts.get("other_branch_kernels", 0)
+    return f" (conditionals on their true branch; {n:,} more kernels in the other branches)" if n else ""

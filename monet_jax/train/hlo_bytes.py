@@ -24,8 +24,8 @@ FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while
 _ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\](?:\{([^}]*)\})?")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
-_CALLEES = re.compile(r"(?:body|condition|to_apply|branch_computations|true_computation|false_computation)="
-                      r"\{?%?([\w.\-, %]+)\}?")
+_CALLEES = re.compile(r"\b(body|condition|to_apply|branch_computations|true_computation|false_computation)="
+                      r"(\{[^}]*\}|%?[\w.\-]+)")
 
 
 def array_bytes(dtype: str, dims: str, layout: str | None) -> float:
@@ -111,9 +111,28 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str | None]:
     return comps, entry
 
 
-def reachable(comps: dict[str, list[Instruction]], roots: list[str]) -> list[str]:
+def callees(line: str) -> dict[str, list[str]]:
+    """The computations an instruction calls, by attribute (``body``, ``condition``, ``true_computation``,
+    ``branch_computations``, ...)."""
+    return {key: [n.strip().lstrip("%") for n in names.strip("{}").split(",") if n.strip()]
+            for key, names in _CALLEES.findall(line)}
+
+
+def _branches(called: dict[str, list[str]], which: str) -> list[str]:
+    """A conditional's branches to follow: all, or (``which="true"``) the one a predicate's true value takes:
+    ``true_computation``, or the last of ``branch_computations`` (where ``jax.lax.cond`` puts its true branch)."""
+    every = called.get("true_computation", []) + called.get("false_computation", []) \
+        + called.get("branch_computations", [])
+    if which == "all" or not every:
+        return every
+    return called.get("true_computation") or called["branch_computations"][-1:]
+
+
+def reachable(comps: dict[str, list[Instruction]], roots: list[str], branches: str = "all") -> list[str]:
     """The computations that run as kernels of their own from ``roots``, in the order met: the roots and every
-    loop body, call and conditional they reach (not the insides of fusions, nor reductions' scalar computations)."""
+    loop body, call and conditional branch they reach (not the insides of fusions, nor reductions' scalar
+    computations). ``branches="true"``: each conditional's true branch only (:func:`_branches`), the kernels of
+    one run where every predicate holds."""
     seen, todo = {}, list(roots)
     while todo:
         name = todo.pop()
@@ -122,8 +141,9 @@ def reachable(comps: dict[str, list[Instruction]], roots: list[str]) -> list[str
         seen[name] = None
         for ins in comps[name]:
             if ins.opcode in ("while", "call", "conditional"):
-                for group in _CALLEES.findall(ins.line):
-                    todo.extend(n.strip().lstrip("%") for n in group.split(",") if n.strip())
+                called = callees(ins.line)
+                todo.extend(_branches(called, branches) if ins.opcode == "conditional"
+                            else [n for names in called.values() for n in names])
     return list(seen)
 
 
