@@ -221,7 +221,7 @@ class MonetConfig:
         moe_impl: The expert layers' implementation: ``xla``, ``pallas`` (kernels), ``sparse`` (gathers
             the experts in use) or ``auto`` (chosen per call).
         moe_sparse_k: Experts the sparse path gathers per token and head (0: ``min(E, 2 * moe_topk)``).
-        attention_impl: ``auto`` (the flash kernel on TPU when it applies), ``xla`` or ``flash``.
+        attention_impl: ``auto`` (the flash kernel on TPU and GPU when it applies), ``xla`` or ``flash``.
     """
 
     vocab_size: int = 32000
@@ -255,7 +255,7 @@ class MonetConfig:
     scan_groups: bool = False   # lax.scan over routing groups: compile time independent of depth
     moe_impl: MoeImpl = "xla"   # expert/router kernels: plain XLA einsums, Pallas, sparse gather, or chosen per call
     moe_sparse_k: int = 0       # sparse path: experts gathered per token and head (0: min(E, 2 * moe_topk))
-    attention_impl: AttentionImpl = "auto"  # flash kernel (TPU, tokens a multiple of 128) or XLA attention
+    attention_impl: AttentionImpl = "auto"  # flash kernel (TPU or GPU, tokens a multiple of 128) or XLA attention
 
     def __post_init__(self):
         self.validate()
