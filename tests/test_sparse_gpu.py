@@ -184,10 +184,9 @@ def _layer_weights(dec: str, key):
 def test_gpu_sparse_layer_equals_the_dense_layer(dec):
     """The layer's GPU form (``lax.cond`` between the kernels at one width and the dense layer) equals the
     whole-layer reference and the dense layer where the union fits the width and where it does not, with ``u``'s
-    expert rows and without them (the kernel then reads ``u``'s columns), in float32 (and bfloat16 where the
-    kernels run on the rows, as in decoding); its gradient
-    (the gathering version's, by a custom VJP) equals the reference's for the input, the weights and the routing
-    weights the layer uses."""
+    expert rows (and without them, where the kernel reads ``u``'s columns), in float32 (and bfloat16 where the
+    kernels run, as in decoding); its gradient (the gathering version's, by a custom VJP) equals the reference's
+    for the input, the weights and the routing weights the layer uses."""
     heads = 2
     w = _layer_weights(dec, jax.random.key(5))
     ups = ("u1", "u2") if dec == "vertical" else ("u",)
@@ -205,26 +204,27 @@ def test_gpu_sparse_layer_equals_the_dense_layer(dec):
 
     dense_out = jax.jit(partial(dense, compute_dtype=jnp.float32))(x, w, g1, g2)
     dense_bf = jax.jit(partial(dense, compute_dtype=jnp.bfloat16))(x, w, g1, g2)
-    for with_rows in (True, False):
-        wr = dict(w, **{f"{u}_rows": w[u].T for u in ups}) if with_rows else dict(w)
-        ct = cotangent(jax.eval_shape(ref, x, wr, g1, g2))
-        want, want_grads = value_and_vjp(ref, (x, wr, g1, g2), ct)
-        for width in (used, used - 1):  # the union fits / the dense fallback
-            def run(x, w, g1, g2, width=width, cd=jnp.float32):
-                return dense(x, w, g1, g2, compute_dtype=cd, width=width)
+    # without the row copy (the kernel reads u's columns): the value where the kernels run
+    close(jax.jit(partial(dense, compute_dtype=jnp.float32, width=used))(x, w, g1, g2), dense_out)
+    wr = dict(w, **{f"{u}_rows": w[u].T for u in ups})  # as PureModel(expert_rows=True) adds them
+    ct = cotangent(jax.eval_shape(ref, x, wr, g1, g2))
+    want, want_grads = value_and_vjp(ref, (x, wr, g1, g2), ct)
+    for width in (used, used - 1):  # the union fits / the dense fallback
+        def run(x, w, g1, g2, width=width, cd=jnp.float32):
+            return dense(x, w, g1, g2, compute_dtype=cd, width=width)
 
-            got, grads = value_and_vjp(run, (x, wr, g1, g2), ct)
-            close(got, want)
-            close(got, dense_out)
-            close(grads[0], want_grads[0])
-            fold = lambda gw: {n: gw[n] + (gw[f"{n}_rows"].T if f"{n}_rows" in gw else 0)  # noqa: E731
-                               for n in gw if not n.endswith("_rows")}
-            close(fold(grads[1]), fold(want_grads[1]))
-            for got_g, want_g, g in ((grads[2], want_grads[2], g1), (grads[3], want_grads[3], g2)):
-                close(jnp.where(g != 0, got_g, 0), jnp.where(g != 0, want_g, 0))
-            if with_rows and width == used:  # bfloat16 where decoding takes the kernels
-                got_bf = jax.jit(partial(dense, compute_dtype=jnp.bfloat16, width=width))(x, wr, g1, g2)
-                close(got_bf, dense_bf, BF16_TOL)
+        got, grads = value_and_vjp(run, (x, wr, g1, g2), ct)
+        close(got, want)
+        close(got, dense_out)
+        close(grads[0], want_grads[0])
+        fold = lambda gw: {n: gw[n] + (gw[f"{n}_rows"].T if f"{n}_rows" in gw else 0)  # noqa: E731
+                           for n in gw if not n.endswith("_rows")}
+        close(fold(grads[1]), fold(want_grads[1]))
+        for got_g, want_g, g in ((grads[2], want_grads[2], g1), (grads[3], want_grads[3], g2)):
+            close(jnp.where(g != 0, got_g, 0), jnp.where(g != 0, want_g, 0))
+        if width == used:  # bfloat16 where decoding takes the kernels
+            got_bf = jax.jit(partial(dense, compute_dtype=jnp.bfloat16, width=width))(x, wr, g1, g2)
+            close(got_bf, dense_bf, BF16_TOL)
 
 
 def test_gpu_sparse_layer_takes_the_kernels_only_where_the_union_fits():
