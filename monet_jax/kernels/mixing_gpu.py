@@ -106,15 +106,14 @@ def _lead(a) -> tuple[int, ...]:
 TRAFFIC: dict[str, dict[str, int]] = {}
 
 
-def _call(roles: list[Role], inputs: list, *, name: str, n_sums: int, sums=None, outs=(), major=(),
+def _call(roles: list[Role], inputs: list, tb: int, *, name: str, n_sums: int, sums=None, outs=(), major=(),
           reducing: bool = False):
-    """One ``pallas_call`` over ``(roles x expert slices, token blocks, batch)``. Inputs ``[b, *lead, E, t]``;
-    ``sums`` ``[b, n_sums, t]`` float32 (emitting). Returns the partial sums ``[b, slices, n_sums, t]`` (summing)
-    or the outputs, ``outs`` ``(lead, dtype)`` each, ``[b, *lead, E, t]`` or ``[*lead, b, E, t]`` for those in
-    ``major``."""
-    b, e, t = inputs[0].shape[0], inputs[0].shape[-2], inputs[0].shape[-1]
-    tb, nr = _pow2_at_most(t, TOKENS), len(roles)
-    tpad = -(-t // tb) * tb
+    """One ``pallas_call`` over ``(roles x expert slices, token blocks of tb, batch)``. Inputs ``[b, *lead, E, t]``
+    with ``t`` a multiple of ``tb``; ``sums`` ``[b, n_sums, t]`` float32 (emitting). Returns the summed partial
+    sums ``[b, n_sums, t]`` (summing) or the outputs, ``outs`` ``(lead, dtype)`` each, ``[b, *lead, E, t]``
+    (written ``[*lead, b, E, t]`` for those in ``major``)."""
+    b, e, tpad = inputs[0].shape[0], inputs[0].shape[-2], inputs[0].shape[-1]
+    nr = len(roles)
     es = _slice(e, b * tpad // tb)
     ns = e // es
     leads = [_lead(a) for a in inputs]
@@ -183,30 +182,38 @@ def _call(roles: list[Role], inputs: list, *, name: str, n_sums: int, sums=None,
         out_shape = [jax.ShapeDtypeStruct((*lead, b, e, tpad) if i in major else (b, *lead, e, tpad), dt)
                      for i, (lead, dt) in enumerate(outs)]
         out_specs = [spec(lead, i in major) for i, (lead, _) in enumerate(outs)]
-    pad = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tpad - t)]) if tpad != t else a  # noqa: E731
     results = pl.pallas_call(
         body, out_shape=out_shape, grid=(ns * nr, tpad // tb, b), in_specs=in_specs, out_specs=out_specs,
         interpret=dispatch.interpret_mode(), name=name,
         compiler_params=dispatch.compiler_params("gpu", num_warps=NUM_WARPS),
-    )(*[pad(a) for a in inputs], *args[len(inputs):])  # the sums come padded
+    )(*args)
     size = lambda rows: sum(inputs[i].dtype.itemsize for i, _ in rows) * e  # noqa: E731
     TRAFFIC[name] = {"reads": sum(size(r) for r in read.values()),
                      "unique": size(set().union(*read.values())), "writes": int(writes),
                      "sums": sum(len(r.sums) for r in roles) * 4 * ns}
     if reducing:
         return results[0].sum(axis=1)  # [b, n_sums, tpad]: the slices' partial sums added
-    done = []
-    for i, r in enumerate(results):
-        r = r[..., :t] if tpad != t else r
-        done.append(jnp.moveaxis(r, len(outs[i][0]), 0) if i in major else r)
-    return done
+    return [jnp.moveaxis(r, len(outs[i][0]), 0) if i in major else r for i, r in enumerate(results)]
 
 
 def gpu_pass(sum_roles: list[Role], sum_inputs: list, n_sums: int, emit_roles: list[Role], emit_inputs: list,
              outs, *, name: str, major: tuple[int, ...] = ()):
-    """The summing call, then the emitting call given its sums (``name_sums``, ``name``)."""
-    sums = _call(sum_roles, sum_inputs, name=f"{name}_sums", n_sums=n_sums, reducing=True)
-    return _call(emit_roles, emit_inputs, name=name, n_sums=n_sums, sums=sums, outs=outs, major=major)
+    """The summing call, then the emitting call given its sums (``name_sums``, ``name``). Token axes off the
+    block are padded once for both calls (the same arrays by identity once)."""
+    t = sum_inputs[0].shape[-1]
+    tb = _pow2_at_most(t, TOKENS)
+    tpad = -(-t // tb) * tb
+    padded: dict[int, jax.Array] = {}
+
+    def pad(a):
+        if id(a) not in padded:
+            padded[id(a)] = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, tpad - t)]) if tpad != t else a
+        return padded[id(a)]
+
+    sums = _call(sum_roles, [pad(a) for a in sum_inputs], tb, name=f"{name}_sums", n_sums=n_sums, reducing=True)
+    out = _call(emit_roles, [pad(a) for a in emit_inputs], tb, name=name, n_sums=n_sums, sums=sums, outs=outs,
+                major=major)
+    return [r[..., :t] if tpad != t else r for r in out]
 
 
 class Sums:

@@ -217,9 +217,9 @@ def _kernel_form(narrow, width: int, cd):
 def _up_kernel(x_btd, w: dict, names: tuple[str, ...], idx, n, cd):
     """:func:`sparse_gpu.up` of each named ``u`` (side ``p`` for the ``p``-th name), padded. Reads
     ``{name}_rows`` where the weights have them, else the strided columns of ``u`` itself (training)."""
-    rows = all(f"{n}_rows" in w for n in names)
-    kernels = [w[f"{n}_rows"] if rows else w[n] for n in names]
-    return sparse_gpu.up(x_btd.reshape(-1, x_btd.shape[-1]), idx, n, kernels, [w[f"{n}_bias"] for n in names],
+    rows = all(f"{name}_rows" in w for name in names)
+    kernels = [w[f"{name}_rows"] if rows else w[name] for name in names]
+    return sparse_gpu.up(x_btd.reshape(-1, x_btd.shape[-1]), idx, n, kernels, [w[f"{name}_bias"] for name in names],
                          w[f"{names[0]}_bias"].shape[0] // _experts(w), compute_dtype=cd,
                          columns=(not rows,) * len(names), padded=True)
 
